@@ -1,0 +1,18 @@
+"""Llama 3.2 Vision: tiled vision encoder, cross-attention layers in the text decoder."""
+
+from hf_fastvision.archs import _budget
+from hf_fastvision.registry import ArchSpec, register_arch
+
+MLLAMA = register_arch(
+    ArchSpec(
+        name="mllama",
+        model_types=("mllama",),
+        language_model=("model.language_model",),
+        vision_tower=("model.vision_model",),
+        projectors=("model.multi_modal_projector",),
+        image_budget=_budget.tiles,
+        pad_token_candidates=("<|finetune_right_pad_id|>",),
+        patches={"rms_norm": "rms", "mlp": "swiglu"},
+        notes="max_image_size bounds the number of 560-px tiles per image.",
+    )
+)

@@ -1,0 +1,41 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: `model.visual` (with its `merger`), `model.language_model`, M-RoPE."""
+
+from hf_fastvision.archs import _budget
+from hf_fastvision.registry import ArchSpec, register_arch
+
+_COMMON = dict(
+    language_model=("model.language_model",),
+    vision_tower=("model.visual",),
+    image_budget=_budget.total_pixels,
+    pad_token_candidates=("<|endoftext|>",),
+)
+
+QWEN2_VL = register_arch(
+    ArchSpec(
+        name="qwen2_vl",
+        model_types=("qwen2_vl",),
+        projectors=("model.visual.merger",),
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu"},
+        notes="Forward needs mm_token_type_ids with images (the processor makes it).",
+        **_COMMON,
+    )
+)
+QWEN2_5_VL = register_arch(
+    ArchSpec(
+        name="qwen2_5_vl",
+        model_types=("qwen2_5_vl",),
+        projectors=("model.visual.merger",),
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu"},
+        **_COMMON,
+    )
+)
+QWEN3_VL = register_arch(
+    ArchSpec(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        projectors=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        patches={"rms_norm": "rms", "rope": "mrope_interleaved", "mlp": "swiglu"},
+        notes="Deepstack mergers feed vision features into early text layers; kept 16-bit with the merger.",
+        **_COMMON,
+    )
+)

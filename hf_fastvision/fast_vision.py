@@ -1,0 +1,85 @@
+"""`FastVisionModel`: the keyword front users of Unsloth know, returning `(model, processor)`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from hf_fastvision.auto import AutoFastVisionModel
+from hf_fastvision.errors import FeatureNotAvailableError
+from hf_fastvision.loading import get_load_info, load_model
+from hf_fastvision.options import options_from_flags
+from hf_fastvision.processor import load_processor
+from hf_fastvision.registry import get_arch
+
+__all__ = ["FastVisionModel"]
+
+_PROCESSOR_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "trust_remote_code")
+
+
+class FastVisionModel:
+    """Static entry points: `from_pretrained`, plus the training helpers added by `hf_fastvision.training`."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike[str] = "unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit",
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map: Any = "sequential",
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing: Any = "unsloth",
+        fast_inference: bool = False,
+        gpu_memory_utilization: float = 0.5,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load a vision-language model (4-bit by default) and its processor, ready for LoRA fine-tuning.
+
+        Extra keyword arguments: `max_image_size` (longest image side in pixels: the processor's resolution
+        bound, the biggest memory lever), `keep_vision_16bit`, `keep_modules`, `use_exact_model_name`,
+        `quant_type`, `double_quant`, `quant_storage`, and transformers' own `revision`, `cache_dir`,
+        `local_files_only`, `attn_implementation`, `quantization_config` (which wins over the built-in plan).
+        """
+        if fast_inference:
+            raise FeatureNotAvailableError(
+                "fast_inference=True", "Load with fast_inference=False and call model.generate(...) for now."
+            )
+        if not 0.0 < float(gpu_memory_utilization) <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if max_seq_length is not None and int(max_seq_length) <= 0:
+            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+        max_image_size = kwargs.pop("max_image_size", None)
+        kwargs["token"] = token
+        kwargs["trust_remote_code"] = trust_remote_code
+        options = options_from_flags(
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            load_in_16bit=load_in_16bit,
+            full_finetuning=full_finetuning,
+            dtype=dtype,
+            device_map=device_map,
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            kwargs=kwargs,
+        )
+        model = load_model(model_name, options, AutoFastVisionModel._model_mapping)
+        info = get_load_info(model)
+        assert info is not None
+        processor_kwargs = {k: options.extra[k] for k in _PROCESSOR_KWARGS if options.extra.get(k) is not None}
+        if info.resolution.revision is not None:
+            processor_kwargs["revision"] = info.resolution.revision
+        processor = load_processor(
+            info.resolution.name,
+            get_arch(model.config),
+            model=model,
+            max_seq_length=max_seq_length,
+            max_image_size=max_image_size,
+            **processor_kwargs,
+        )
+        model.max_seq_length = max_seq_length
+        return model, processor
