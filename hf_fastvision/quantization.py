@@ -70,6 +70,7 @@ class QuantPlan:
     quant_storage: str = "uint8"
     keep_vision_16bit: bool = False
     skip_modules: list[str] = field(default_factory=list)
+    kept_roots: list[str] = field(default_factory=list)
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     roles: dict[str, str] = field(default_factory=dict)
@@ -102,7 +103,7 @@ class QuantPlan:
         for name in self.quantized + self.kept:
             bucket = counts.setdefault(self.roles.get(name, "other"), {"quantized": 0, "kept_16bit": 0})
             bucket["quantized" if name in set(self.quantized) else "kept_16bit"] += 1
-        return {k: v for k, v in asdict(self).items() if k not in ("quantized", "kept", "roles")} | {"by_role": counts}
+        return {k: v for k, v in asdict(self).items() if k not in ("quantized", "kept", "roles", "skip_modules")} | {"by_role": counts}
 
 
 def build_plan(
@@ -149,6 +150,7 @@ def build_plan(
         quant_storage=str(quant_storage).removeprefix("torch."),
         keep_vision_16bit=keep_vision_16bit,
         skip_modules=skips if bits != 16 else [],
+        kept_roots=kept_roots,
         quantized=quantized,
         kept=kept,
         roles=roles,

@@ -1,0 +1,83 @@
+"""The `hf-fastvision` command: `info`, `demo`, `quantize`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hf_fastvision.info import describe, format_description
+
+    kwargs: dict[str, Any] = {}
+    if args.load_in_16bit:
+        kwargs["load_in_16bit"] = True
+    if args.keep_vision_16bit:
+        kwargs["keep_vision_16bit"] = True
+    if args.revision:
+        kwargs["revision"] = args.revision
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    d = describe(args.model, **kwargs)
+    if args.json:
+        plan = d.pop("plan")
+        d["plan"] = plan.summary() | {"quantized": plan.quantized, "kept": plan.kept}
+        print(json.dumps(d, indent=2, default=str))
+    else:
+        print(format_description(d))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hf_fastvision.demo import run_demo
+
+    return run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir, quick=args.quick)
+
+
+def _quantize(argv: list[str]) -> int:
+    from hf_fastvision.quantize import quantize_command
+
+    return quantize_command(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-fastvision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="resolution, architecture, quantization plan and memory, from the config alone")
+    info.add_argument("model", help="Hub id or local folder")
+    info.add_argument("--load-in-16bit", action="store_true")
+    info.add_argument("--keep-vision-16bit", action="store_true")
+    info.add_argument("--revision")
+    info.add_argument("--dtype", help="bfloat16 (default on GPU), float16, float32")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="fine-tune the embedded tiny model on a synthetic visual task")
+    demo.add_argument("--steps", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output-dir", default=None)
+    demo.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
+    demo.set_defaults(func=_demo)
+    sub.add_parser("quantize", help="quantize a model to 4-bit and publish it (see --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quantize"]:
+        return _quantize(argv[1:])
+    args = build_parser().parse_args(argv)
+    from hf_fastvision.errors import FastVisionError
+
+    try:
+        return int(args.func(args) or 0)
+    except FastVisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

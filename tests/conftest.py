@@ -1,0 +1,36 @@
+"""Shared fixtures: offline Hub settings and tiny saved checkpoints of every architecture."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(name)` → folder with a saved tiny fp32 model and processor (built once per session)."""
+    from hf_fastvision.archs.tiny import tiny_model_and_processor
+
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{name}")
+            model, processor = tiny_model_and_processor(name, seed=0)
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            made[name] = folder
+        return made[name]
+
+    return make
