@@ -82,4 +82,24 @@ class FastVisionModel:
             **processor_kwargs,
         )
         model.max_seq_length = max_seq_length
+        model._hf_fastvision_processor = processor  # for_training / for_inference switch its padding side
         return model, processor
+
+    @staticmethod
+    def get_peft_model(model: Any, **kwargs: Any) -> Any:
+        """LoRA on the vision and/or language layers the flags select; see `hf_fastvision.training.get_peft_model`."""
+        from hf_fastvision.training.lora import get_peft_model
+
+        return get_peft_model(model, **kwargs)
+
+    @staticmethod
+    def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
+        from hf_fastvision.training.lora import for_training
+
+        return for_training(model, use_gradient_checkpointing)
+
+    @staticmethod
+    def for_inference(model: Any) -> Any:
+        from hf_fastvision.training.lora import for_inference
+
+        return for_inference(model)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from hf_fastvision.errors import MissingDependencyError
 from hf_fastvision.registry import ArchSpec, Roots, resolve_roots
 
-__all__ = ["QuantPlan", "build_plan", "meta_model", "require_bitsandbytes", "skip_entry", "estimate_memory"]
+__all__ = ["QuantPlan", "build_plan", "meta_model", "require_bitsandbytes", "skip_entry", "estimate_memory", "module_role"]
 
 Role = Literal["lm_head", "projector", "vision", "language", "other"]
 
@@ -44,7 +44,7 @@ def meta_model(config: Any, model_class: type) -> nn.Module:
         return model_class._from_config(config)
 
 
-def _role(name: str, roots: Roots) -> Role:
+def module_role(name: str, roots: Roots) -> Role:
     def under(paths: Sequence[str]) -> bool:
         return any(name == p or name.startswith(p + ".") for p in paths)
 
@@ -131,7 +131,7 @@ def build_plan(
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue  # bitsandbytes replaces exact nn.Linear only
-        role = _role(name, roots)
+        role = module_role(name, roots)
         roles[name] = role
         user_kept = any(r.search(name) for r in keep_res)
         in_kept_root = any(name == p or name.startswith(p + ".") for p in kept_roots)

@@ -1,0 +1,95 @@
+"""Vision SFT collator: chat conversations with images → a padded, labelled batch.
+
+Samples are `{"messages": [...]}` in the processors' chat-message format (content parts
+`{"type": "image", "image": PIL.Image}` and `{"type": "text", "text": ...}`), optionally with `"images"` for
+templates that reference images without embedding them. Several images per conversation and batches mixing
+text-only and image samples work. Labels mask padding, every image/vision special token and, with
+`train_on_responses_only`, everything before the final assistant turn — so the model learns the answer and its
+end-of-turn token, nothing else. Truncation to `max_seq_length` never cuts an image's token span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hf_fastvision.processor import special_image_token_ids, tokenizer_of, truncate_batch
+
+__all__ = ["VisionSFTCollator"]
+
+IGNORE_INDEX = -100
+
+
+def _images_of(sample: dict[str, Any]) -> list[Any]:
+    images = [part["image"] for msg in sample["messages"] if isinstance(msg.get("content"), list)
+              for part in msg["content"] if part.get("type") == "image" and part.get("image") is not None]
+    return images + list(sample.get("images") or [])
+
+
+class VisionSFTCollator:
+    """Callable for `Trainer` / `SFTTrainer` (`data_collator=`) and plain DataLoaders."""
+
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_seq_length: int | None = None,
+        train_on_responses_only: bool = True,
+        model_config: Any = None,
+        processor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.processor = processor
+        tok = tokenizer_of(processor)
+        limit = max_seq_length if max_seq_length is not None else getattr(tok, "model_max_length", None)
+        self.max_seq_length = int(limit) if limit is not None and limit < 10**8 else None
+        self.train_on_responses_only = train_on_responses_only
+        self.masked_ids = special_image_token_ids(processor, model_config)
+        self.processor_kwargs = dict(processor_kwargs or {})
+
+    def _encode(self, texts: list[str], images: list[list[Any]]) -> Any:
+        tok = tokenizer_of(self.processor)
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            return self.processor(
+                text=texts,
+                images=images if any(images) else None,
+                padding=True,
+                return_tensors="pt",
+                **self.processor_kwargs,
+            )
+        finally:
+            tok.padding_side = side
+
+    def _prompt_lengths(self, samples: Sequence[dict[str, Any]], images: list[list[Any]]) -> list[int]:
+        """Tokens before each sample's final assistant turn (its prompt, rendered with the generation prompt)."""
+        prompts, prompt_images = [], []
+        for sample, imgs in zip(samples, images):
+            messages = sample["messages"]
+            if messages[-1].get("role") != "assistant":
+                raise ValueError("train_on_responses_only needs each conversation to end with an assistant turn.")
+            prompts.append(self.processor.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
+            n_prompt_images = len(_images_of({"messages": messages[:-1]})) + len(sample.get("images") or [])
+            prompt_images.append(imgs[:n_prompt_images])
+        encoded = self._encode(prompts, prompt_images)
+        return encoded["attention_mask"].sum(dim=1).tolist()
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("VisionSFTCollator got an empty batch.")
+        texts = [self.processor.apply_chat_template(s["messages"], tokenize=False) for s in samples]
+        images = [_images_of(s) for s in samples]
+        batch = self._encode(texts, images)
+        labels = batch["input_ids"].clone()
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        if self.masked_ids:
+            labels[torch.isin(labels, torch.tensor(sorted(self.masked_ids)))] = IGNORE_INDEX
+        if self.train_on_responses_only:
+            for row, n in enumerate(self._prompt_lengths(samples, images)):
+                labels[row, :n] = IGNORE_INDEX
+        batch["labels"] = labels
+        if self.max_seq_length is not None:
+            batch = truncate_batch(batch, self.max_seq_length, self.masked_ids)
+        return batch

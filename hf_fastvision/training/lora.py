@@ -1,0 +1,185 @@
+"""LoRA set-up for vision and language layers, chosen from the architecture spec, and train/inference switches.
+
+Unlike the common recipe, nothing is upcast: `prepare_model_for_kbit_training` casts every 16-bit weight to
+fp32 (paying memory for frozen weights); here frozen 4-bit and 16-bit weights keep their dtype and only the
+LoRA weights are fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hf_fastvision.loading import get_load_info
+from hf_fastvision.processor import set_padding_side
+from hf_fastvision.quantization import module_role
+from hf_fastvision.registry import get_arch, resolve_roots
+from hf_fastvision.training.checkpointing import disable_checkpointing, enable_checkpointing
+
+__all__ = ["lora_target_modules", "get_peft_model", "for_training", "for_inference"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - 16-bit only installs
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def _kind(name: str, markers: Sequence[str]) -> bool:
+    parts = name.split(".")[:-1]  # the containing modules, not the layer's own name
+    return any(m in part for part in parts for m in markers)
+
+
+def lora_target_modules(
+    model: nn.Module,
+    *,
+    finetune_vision_layers: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+) -> list[str]:
+    """Full paths of the linear layers the flags select, from the spec's vision/language roots and markers."""
+    base = _unwrap(model)
+    spec = get_arch(base.config)
+    roots = resolve_roots(spec, base)
+    targets: list[str] = []
+    for name, module in base.named_modules():
+        if not _is_linear(module):
+            continue
+        role = module_role(name, roots)
+        if not ((role == "vision" and finetune_vision_layers) or (role == "language" and finetune_language_layers)):
+            continue
+        is_attention = _kind(name, spec.attention_markers)
+        is_mlp = not is_attention and _kind(name, spec.mlp_markers)
+        if (is_attention and finetune_attention_modules) or (is_mlp and finetune_mlp_modules):
+            targets.append(name)
+    return targets
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def get_peft_model(
+    model: Any,
+    r: int = 16,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    finetune_vision_layers: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+    target_modules: Sequence[str] | str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    use_rslora: bool = False,
+    random_state: int = 3407,
+    use_gradient_checkpointing: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Wrap `model` with LoRA adapters on the layers the flags select (or `target_modules`, which overrides).
+
+    `use_gradient_checkpointing`: "unsloth" (offloaded to CPU), True (plain), False; None keeps the value given
+    at load. Extra kwargs go to `peft.LoraConfig`.
+    """
+    from peft import LoraConfig
+    from peft import get_peft_model as peft_get_peft_model
+
+    if not (finetune_vision_layers or finetune_language_layers) and target_modules is None:
+        raise ValueError("Select vision and/or language layers (finetune_*_layers=True), or pass target_modules.")
+    if not (finetune_attention_modules or finetune_mlp_modules) and target_modules is None:
+        raise ValueError("Select attention and/or MLP modules (finetune_*_modules=True), or pass target_modules.")
+    if hasattr(model, "peft_config"):
+        raise ValueError("This model already has LoRA adapters; load a fresh base model to add new ones.")
+    targets = (
+        target_modules
+        if target_modules is not None
+        else lora_target_modules(
+            model,
+            finetune_vision_layers=finetune_vision_layers,
+            finetune_language_layers=finetune_language_layers,
+            finetune_attention_modules=finetune_attention_modules,
+            finetune_mlp_modules=finetune_mlp_modules,
+        )
+    )
+    if not targets:
+        raise ValueError("No linear layer matches the selected flags; pass target_modules explicitly.")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        bias=bias,
+        target_modules=list(targets) if not isinstance(targets, str) else targets,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        use_rslora=use_rslora,
+        task_type=None,
+        **kwargs,
+    )
+    dtypes_before = {n: p.dtype for n, p in model.named_parameters()}
+    mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
+        model, "_hf_fastvision_checkpointing", "unsloth"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)
+        peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=True)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # LoRA trains in fp32
+    base = _unwrap(peft_model)
+    for name, param in base.named_parameters():  # frozen weights keep the dtype they were loaded in
+        if name in dtypes_before and "lora_" not in name:
+            assert param.dtype == dtypes_before[name], f"{name} changed dtype"
+    base._hf_fastvision_checkpointing = mode
+    if get_load_info(base) is None:
+        logger.info("model was not loaded by hf_fastvision; LoRA set up from its config alone")
+    for_training(peft_model)
+    return peft_model
+
+
+def _processor(model: Any) -> Any:
+    return getattr(_unwrap(model), "_hf_fastvision_processor", None)
+
+
+def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
+    """Train mode, right padding, no KV cache, checkpointing as chosen at load / LoRA set-up."""
+    base = _unwrap(model)
+    mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
+        base, "_hf_fastvision_checkpointing", "unsloth"
+    )
+    model.train()
+    _set_use_cache(base, False)
+    if mode:
+        enable_checkpointing(base, mode)
+    else:
+        disable_checkpointing(base)
+    if (processor := _processor(model)) is not None:
+        set_padding_side(processor, "right")
+    return model
+
+
+def for_inference(model: Any) -> Any:
+    """Eval mode, left padding for batched generation, KV cache on, checkpointing off."""
+    base = _unwrap(model)
+    model.eval()
+    _set_use_cache(base, True)
+    disable_checkpointing(base)
+    if (processor := _processor(model)) is not None:
+        set_padding_side(processor, "left")
+    return model
+
+
+def _set_use_cache(model: nn.Module, value: bool) -> None:
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = value
