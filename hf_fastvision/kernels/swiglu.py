@@ -1,0 +1,80 @@
+"""Fused SwiGLU ``silu(gate) * up`` (forward + backward) in Triton, with a pure-torch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import tl, triton, use_triton
+
+__all__ = ["SwiGLUFunction", "swiglu", "swiglu_ref"]
+
+_BLOCK_SIZE = 1024
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act_fn(gate_proj(x)) * up_proj(x)`` as transformers' LlamaMLP computes it (silu)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, n_elements, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_elements, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    du = dy * silu
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Triton SwiGLU. ``apply(gate, up)``; output dtype = ``torch.promote_types(gate, up)``."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        _check(gate, up)
+        g, u = gate.contiguous(), up.contiguous()
+        y = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
+        n = g.numel()
+        if n:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](g, u, y, n, BLOCK_SIZE=_BLOCK_SIZE)
+        ctx.save_for_backward(g, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        n = g.numel()
+        if n:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: Triton on CUDA (or under ``TRITON_INTERPRET=1``), torch otherwise."""
+    if use_triton(gate, up):
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_ref(gate, up)
