@@ -138,8 +138,9 @@ def get_peft_model(
             param.data = param.data.float()  # LoRA trains in fp32
     base = _unwrap(peft_model)
     for name, param in base.named_parameters():  # frozen weights keep the dtype they were loaded in
-        if name in dtypes_before and "lora_" not in name:
-            assert param.dtype == dtypes_before[name], f"{name} changed dtype"
+        original = name.replace(".base_layer", "")
+        if "lora_" not in name and param.dtype != dtypes_before.get(original, param.dtype):
+            raise RuntimeError(f"{original} changed dtype from {dtypes_before[original]} to {param.dtype}")
     base._hf_fastvision_checkpointing = mode
     if get_load_info(base) is None:
         logger.info("model was not loaded by hf_fastvision; LoRA set up from its config alone")
