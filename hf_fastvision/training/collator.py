@@ -81,7 +81,7 @@ class VisionSFTCollator:
             raise ValueError("VisionSFTCollator got an empty batch.")
         texts = [self.processor.apply_chat_template(s["messages"], tokenize=False) for s in samples]
         images = [_images_of(s) for s in samples]
-        batch = self._encode(texts, images)
+        batch = _pad_trailing_text_only_rows(self._encode(texts, images), images)
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         if self.masked_ids:
@@ -93,3 +93,20 @@ class VisionSFTCollator:
         if self.max_seq_length is not None:
             batch = truncate_batch(batch, self.max_seq_length, self.masked_ids)
         return batch
+
+
+def _pad_trailing_text_only_rows(batch: Any, images: list[list[Any]]) -> Any:
+    """Some image processors (Mllama's) drop the rows of text-only samples that end a batch from their
+    per-sample tensors; give those rows zeros (no image) so every per-sample tensor has the batch size."""
+    n = len(images)
+    with_images = [i for i, imgs in enumerate(images) if imgs]
+    pixels = batch.get("pixel_values")
+    per_sample = isinstance(pixels, torch.Tensor) and pixels.dim() >= 5 and pixels.shape[0] == n
+    if not with_images or with_images[-1] == n - 1 or not per_sample:
+        return batch
+    short = with_images[-1] + 1
+    for key, value in list(batch.items()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == short and key != "input_ids":
+            pad = value.new_zeros((n - short, *value.shape[1:]))
+            batch[key] = torch.cat([value, pad])
+    return batch
