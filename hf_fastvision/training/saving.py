@@ -1,0 +1,155 @@
+"""Saving trained models: LoRA adapters, merged 16-bit (LoRA folded into dequantized weights), merged 4-bit.
+
+Adapters are peft's own format (`peft_model.save_pretrained` / `push_to_hub`), so adapters made elsewhere (e.g. by
+Unsloth) load with `PeftModel.from_pretrained(model, folder)` and ours load anywhere peft runs. Merged folders are
+plain transformers checkpoints with upstream class names, written to a temporary folder and renamed into place,
+so a failure never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["merged_state_dict", "save_merged_16bit", "save_merged_4bit", "save_adapter"]
+
+
+def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit weight of a Linear, Linear4bit or Linear8bitLt."""
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    scb = getattr(weight, "SCB", None)
+    if scb is not None:  # bitsandbytes LLM.int8: row-wise absmax scaling
+        return (weight.data.float() * scb.float().unsqueeze(1) / 127.0).to(dtype)
+    return weight.data.to(dtype)
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None or type(module).__name__ == "Linear8bitLt"
+
+
+def merged_state_dict(model: Any, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """State dict of the base model with every quantized linear dequantized and every active LoRA folded in."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, torch.Tensor] = {}
+    skip_prefixes: list[str] = []
+    for name, module in base.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLayer):
+            inner = module.get_base_layer()
+            weight = _dense_weight(inner, torch.float32)
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).float()
+            out[prefix + "weight"] = weight.to(dtype)
+            if getattr(inner, "bias", None) is not None:
+                out[prefix + "bias"] = inner.bias.data.to(dtype)
+            skip_prefixes.append(prefix)
+            continue
+        if _is_quantized_linear(module):
+            out[prefix + "weight"] = _dense_weight(module, dtype)
+            if module.bias is not None:
+                out[prefix + "bias"] = module.bias.data.to(dtype)
+            skip_prefixes.append(prefix)
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            out[prefix + pname] = param.data.to(dtype) if param.is_floating_point() else param.data
+        for bname, buf in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                out[prefix + bname] = buf
+    return out
+
+
+def _atomic_dir(target: str | os.PathLike[str]) -> tuple[Path, Path]:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target, Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def save_merged_16bit(model: Any, folder: str | os.PathLike[str], processor: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Fold LoRA into dequantized weights and save a plain 16-bit checkpoint (no quantization_config)."""
+    from accelerate import init_empty_weights
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = merged_state_dict(model, dtype)
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    target, tmp = _atomic_dir(folder)
+    try:
+        with init_empty_weights():
+            fresh = type(base)._from_config(config, dtype=dtype)
+        missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if k not in _tied_keys(fresh)]
+        if missing or unexpected:
+            raise RuntimeError(f"merged weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        fresh.tie_weights()
+        fresh.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        _publish(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys if isinstance(keys, (list, set, tuple)) else keys.keys())
+
+
+def save_merged_4bit(model: Any, folder: str | os.PathLike[str], processor: Any = None, **load_kwargs: Any) -> Path:
+    """Fold LoRA into the weights, re-quantize with the architecture's 4-bit plan, save a bnb-4bit checkpoint."""
+    from hf_fastvision.auto import AutoFastVisionModel
+
+    target, tmp = _atomic_dir(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".merged16-", dir=target.parent))
+    try:
+        save_merged_16bit(model, staging / "m", processor=processor, dtype=load_kwargs.pop("dtype", torch.bfloat16))
+        quantized = AutoFastVisionModel.from_pretrained(staging / "m", load_in_4bit=True, use_exact_model_name=True, **load_kwargs)
+        quantized.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def save_adapter(model: Any, folder: str | os.PathLike[str], processor: Any = None) -> Path:
+    """peft's adapter format (adapter_config.json + adapter_model.safetensors), written atomically."""
+    if not hasattr(model, "peft_config"):
+        raise ValueError("save_adapter needs a model with LoRA adapters (FastVisionModel.get_peft_model).")
+    target, tmp = _atomic_dir(folder)
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        _publish(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
