@@ -315,6 +315,9 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
             raise CorruptCheckpointError(resolution.name, str(exc)) from exc
         raise
     model.hf_fastvision = LoadInfo(resolution, spec.name, plan, prequantized, str(dtype).removeprefix("torch."))
+    from hf_fastvision.hub import attach_push_to_hub
+
+    attach_push_to_hub(model)  # model.push_to_hub publishes a verified bnb-4bit repo
     model._hf_fastvision_checkpointing = options.use_gradient_checkpointing
     if options.full_finetuning:
         for p in model.parameters():
