@@ -48,6 +48,8 @@ class LoadOptions:
     """Load exactly the given id: no pre-quantized twin, no 16-bit source."""
     full_finetuning: bool = False
     use_gradient_checkpointing: Any = "unsloth"
+    patches: Any = True
+    """Fused-kernel patches: True (all the spec supports), False, or a dict of `PatchOptions` flags."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Pass-through kwargs for transformers (token, revision, cache_dir, local_files_only, ...)."""
 
@@ -316,6 +318,9 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
         raise
     model.hf_fastvision = LoadInfo(resolution, spec.name, plan, prequantized, str(dtype).removeprefix("torch."))
     from hf_fastvision.hub import attach_push_to_hub
+    from hf_fastvision.patching import apply_patches
+
+    apply_patches(model, spec, options.patches)
 
     attach_push_to_hub(model)  # model.push_to_hub publishes a verified bnb-4bit repo
     model._hf_fastvision_checkpointing = options.use_gradient_checkpointing

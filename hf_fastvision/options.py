@@ -51,6 +51,7 @@ def options_from_flags(
         use_exact_model_name=kw.pop("use_exact_model_name", False),
         full_finetuning=full_finetuning,
         use_gradient_checkpointing=use_gradient_checkpointing,
+        patches=kw.pop("patches", True),
         extra=kw,
     )
 

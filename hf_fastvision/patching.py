@@ -1,0 +1,191 @@
+"""Instance patches: fused kernels bound onto one loaded model's modules, driven by its `ArchSpec`.
+
+Nothing in transformers is touched: each patch replaces `forward` on a module *instance* (keeping the original
+in `_hffv_original_forward`), so two models in one process can be patched differently and `unpatch` restores
+the stock behaviour exactly. Patching twice is a no-op. Architectures whose spec lists no patches (the generic
+path) are left as they are.
+
+- `rms_norm`: every `*RMSNorm` module under the vision/language roots → the fused RMSNorm kernel (Gemma's
+  `x·(1+w)` in fp32 where the spec says "gemma").
+- `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
+- `fused_loss`: with `labels`, the top model's forward runs with `logits_to_keep=1` and the loss is computed
+  from the final hidden states by the chunked linear + cross-entropy, so full `[tokens, vocab]` logits are never
+  materialised. The returned `logits` then hold the last position only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hf_fastvision.registry import ArchSpec, get_arch, resolve_roots
+
+__all__ = ["PatchOptions", "apply_patches", "unpatch", "patched_modules"]
+
+_ORIGINAL = "_hffv_original_forward"
+_KIND = "_hffv_patch"
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Which kernels to bind; each can be turned off on its own (`from_pretrained(..., patches={...})`)."""
+
+    rms_norm: bool = True
+    """Fused RMSNorm (forward and backward in one kernel each)."""
+    mlp: bool = True
+    """Fused SwiGLU / GeGLU activation of gated MLPs."""
+    fused_loss: bool = True
+    """Chunked linear + cross-entropy loss that never materialises the logits."""
+
+    @classmethod
+    def from_value(cls, value: Any) -> PatchOptions:
+        if isinstance(value, PatchOptions):
+            return value
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return cls(rms_norm=False, mlp=False, fused_loss=False)
+        if isinstance(value, dict):
+            unknown = set(value) - set(asdict(cls()))
+            if unknown:
+                raise ValueError(f"Unknown patch names {sorted(unknown)}; valid: {sorted(asdict(cls()))}")
+            return cls(**value)
+        raise TypeError(f"patches must be a bool, a dict of flags or PatchOptions, got {type(value).__name__}")
+
+
+def _bind(module: nn.Module, kind: str, forward: Any) -> bool:
+    if _ORIGINAL in module.__dict__:
+        return False  # already patched
+    module.__dict__[_ORIGINAL] = module.__dict__.get("forward")
+    module.__dict__[_KIND] = kind
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
+def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from hf_fastvision.kernels import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self._hffv_eps, offset=self._hffv_offset)
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from hf_fastvision.kernels import geglu, swiglu
+
+    op = swiglu if self._hffv_act == "silu" else geglu
+    return self.down_proj(op(self.gate_proj(x), self.up_proj(x)))
+
+
+def _activation(act: nn.Module) -> str | None:
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh") or (
+        isinstance(act, nn.GELU) and act.approximate == "tanh"
+    ):
+        return "gelu_tanh"
+    return None
+
+
+def _under(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name.startswith(r + ".") for r in roots)
+
+
+def _find(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    original = self.__dict__[_ORIGINAL] or type(self).forward.__get__(self)
+    if labels is None:
+        return original(*args, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = _find(self, self._hffv_text_root).register_forward_hook(grab)
+    try:
+        out = original(*args, logits_to_keep=1, **kwargs)
+    finally:
+        handle.remove()
+    from hf_fastvision.kernels import fused_linear_cross_entropy
+
+    hidden = captured["hidden"]
+    head = self.get_output_embeddings()
+    out.loss = fused_linear_cross_entropy(
+        hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+        head.weight,
+        labels[:, 1:].reshape(-1).to(hidden.device),
+        bias=head.bias,
+        num_items_in_batch=num_items,
+        logit_softcapping=self._hffv_softcap,
+    )
+    return out
+
+
+def _can_fuse_loss(model: nn.Module) -> bool:
+    params = inspect.signature(type(model).forward).parameters
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return "logits_to_keep" in params and type(head) is nn.Linear
+
+
+def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any = None) -> dict[str, int]:
+    """Bind the spec's kernels onto `model`'s modules; returns how many modules each patch touched."""
+    spec = spec or get_arch(model.config)
+    opts = PatchOptions.from_value(options)
+    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0}
+    if spec.generic or not spec.patches:
+        return counts
+    roots = resolve_roots(spec, model)
+    scope = roots.language + roots.vision
+    norm_kind = spec.patches.get("rms_norm")
+    for name, module in model.named_modules():
+        if not _under(name, scope):
+            continue
+        if opts.rms_norm and norm_kind and type(module).__name__.endswith("RMSNorm") and isinstance(
+            getattr(module, "weight", None), nn.Parameter
+        ):
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+            if eps is None:
+                continue
+            module.__dict__["_hffv_eps"] = float(eps)
+            module.__dict__["_hffv_offset"] = 1.0 if norm_kind == "gemma" else 0.0
+            counts["rms_norm"] += _bind(module, "rms_norm", _rms_forward)
+        elif opts.mlp and spec.patches.get("mlp") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            act = _activation(module.act_fn)
+            if act is None:
+                continue
+            module.__dict__["_hffv_act"] = act
+            counts["mlp"] += _bind(module, "mlp", _gated_mlp_forward)
+    if opts.fused_loss and roots.language and _can_fuse_loss(model):
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model.__dict__["_hffv_text_root"] = roots.language[0]
+        model.__dict__["_hffv_softcap"] = getattr(text_config, "final_logit_softcapping", None)
+        counts["fused_loss"] += _bind(model, "fused_loss", _fused_loss_forward)
+    return counts
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore every patched module's original forward; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if _ORIGINAL in module.__dict__:
+            original = module.__dict__.pop(_ORIGINAL)
+            module.__dict__.pop(_KIND, None)
+            if original is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = original
+            restored += 1
+    return restored
+
+
+def patched_modules(model: nn.Module) -> dict[str, str]:
+    """Module path → patch kind, for inspection and tests."""
+    return {name: m.__dict__[_KIND] for name, m in model.named_modules() if _KIND in m.__dict__}
