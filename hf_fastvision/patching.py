@@ -15,8 +15,11 @@ path) are left as they are.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import types
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch.nn as nn
 
 from hf_fastvision.registry import ArchSpec, get_arch, resolve_roots
 
-__all__ = ["PatchOptions", "apply_patches", "unpatch", "patched_modules"]
+__all__ = ["PatchOptions", "apply_patches", "unpatch", "unpatched", "patched_modules"]
 
 _ORIGINAL = "_hffv_original_forward"
 _KIND = "_hffv_patch"
@@ -129,6 +132,16 @@ def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None
     return out
 
 
+def _with_signature_of(original: Any, replacement: Any) -> Any:
+    """`replacement` advertising `original`'s signature (generate() validates kwargs against forward's)."""
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return replacement(self, *args, **kwargs)
+
+    return forward
+
+
 def _can_fuse_loss(model: nn.Module) -> bool:
     params = inspect.signature(type(model).forward).parameters
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -167,7 +180,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         model.__dict__["_hffv_text_root"] = roots.language[0]
         model.__dict__["_hffv_softcap"] = getattr(text_config, "final_logit_softcapping", None)
-        counts["fused_loss"] += _bind(model, "fused_loss", _fused_loss_forward)
+        counts["fused_loss"] += _bind(model, "fused_loss", _with_signature_of(type(model).forward, _fused_loss_forward))
     return counts
 
 
@@ -189,3 +202,23 @@ def unpatch(model: nn.Module) -> int:
 def patched_modules(model: nn.Module) -> dict[str, str]:
     """Module path → patch kind, for inspection and tests."""
     return {name: m.__dict__[_KIND] for name, m in model.named_modules() if _KIND in m.__dict__}
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` with its stock forwards for the duration (e.g. to compare logits bit for bit with stock
+    transformers); the patches are bound again afterwards."""
+    saved = {}
+    for module in model.modules():
+        if _ORIGINAL in module.__dict__:
+            saved[module] = module.__dict__["forward"]
+            original = module.__dict__[_ORIGINAL]
+            if original is None:
+                del module.__dict__["forward"]
+            else:
+                module.forward = original
+    try:
+        yield model
+    finally:
+        for module, forward in saved.items():
+            module.forward = forward

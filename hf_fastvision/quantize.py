@@ -119,8 +119,10 @@ def stable_logits(model: Any, inputs: Any) -> Any:
     """Logits (float32, on the CPU) of `model` on `inputs`, after `realign`: comparable bit for bit."""
     import torch
 
+    from hf_fastvision.patching import unpatched
+
     realign(model)
-    with torch.no_grad():
+    with torch.no_grad(), unpatched(model):  # checkpoint identity, not kernel rounding, is what is compared
         return model(**inputs.to(model.device)).logits.float().cpu()
 
 

@@ -8,6 +8,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:  # kernels run under Triton's interpreter without CUDA; it must be chosen before triton is first imported
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is None:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        # ...but everything outside tests/kernels (subprocesses included) runs the pure-torch references.
+        os.environ.setdefault("HF_FASTVISION_DISABLE_TRITON", "1")
+except Exception:  # pragma: no cover
+    pass
 
 from pathlib import Path  # noqa: E402
 

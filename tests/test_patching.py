@@ -63,3 +63,14 @@ def test_idempotent_flags_and_unpatch(tiny_checkpoint):
 def test_generic_path_is_left_alone(tiny_checkpoint):
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("llava_next"), load_in_16bit=True)
     assert not patched_modules(model)
+
+
+def test_unpatched_context_restores_and_rebinds(tiny_checkpoint):
+    from hf_fastvision.patching import unpatched
+
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
+    before = patched_modules(model)
+    with unpatched(model):
+        assert all("forward" not in m.__dict__ for m in model.modules() if "_hffv_patch" in m.__dict__)
+    assert patched_modules(model) == before
+    assert all("forward" in m.__dict__ for m in model.modules() if "_hffv_patch" in m.__dict__)

@@ -50,9 +50,10 @@ def triton_interpret() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the Triton path should be used for these tensors.
 
-    Yes if triton is importable and either all tensors live on CUDA or the interpreter is on.
+    Yes if triton is importable and either all tensors live on CUDA or the interpreter is on; never when
+    `HF_FASTVISION_DISABLE_TRITON=1` (the pure-torch references run instead).
     """
-    if not HAS_TRITON:
+    if not HAS_TRITON or os.environ.get("HF_FASTVISION_DISABLE_TRITON", "").lower() in ("1", "true", "yes"):
         return False
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     if ts and all(t.is_cuda for t in ts):

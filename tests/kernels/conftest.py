@@ -24,6 +24,12 @@ def device() -> torch.device:
 
 
 @pytest.fixture(autouse=True)
+def _triton_enabled(monkeypatch):
+    """The root conftest routes model tests to the references; kernel tests exercise Triton itself."""
+    monkeypatch.delenv("HF_FASTVISION_DISABLE_TRITON", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
