@@ -47,6 +47,8 @@ class ArchSpec:
     """Maps `max_image_size` (longest image side, pixels) to processor attribute updates; returns what it set."""
     pad_token_candidates: tuple[str, ...] = ()
     """Existing tokens to use as the dedicated pad token, tried in order before adding a new one."""
+    checkpoint_layers: tuple[str, ...] = ()
+    """Class names of repeated blocks to checkpoint besides transformers' GradientCheckpointingLayer ones."""
     patches: dict[str, Any] = field(default_factory=dict)
     """Kernel patches this family supports (consumed by `patching.py`)."""
     generic: bool = False

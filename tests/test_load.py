@@ -119,3 +119,18 @@ def test_from_config_and_register(tiny_checkpoint):
     with pytest.raises(ValueError, match="already mapped"):
         AutoFastVisionModel.register(Qwen2VLConfig, Qwen2VLForConditionalGeneration)
     assert isinstance(PretrainedConfig, type)
+
+
+def test_max_image_size_bounds_image_tokens(tiny_checkpoint):
+    from hf_fastvision.archs.tiny import sample_messages
+
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+    _, big = FastVisionModel.from_pretrained(folder, load_in_16bit=True)
+    _, small = FastVisionModel.from_pretrained(folder, load_in_16bit=True, max_image_size=28)
+    conv = sample_messages("qwen2_5_vl", n=1)[0]
+    image = conv[0]["content"][0]["image"].resize((112, 112))
+    conv[0]["content"][0]["image"] = image
+    n_big = big(text=big.apply_chat_template(conv), images=[image], return_tensors="pt")["input_ids"].shape[1]
+    n_small = small(text=small.apply_chat_template(conv), images=[image], return_tensors="pt")["input_ids"].shape[1]
+    assert n_small < n_big
+    assert small.image_processor.size["longest_edge"] == 28 * 28

@@ -13,6 +13,7 @@ MLLAMA = register_arch(
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
         patches={"rms_norm": "rms", "mlp": "swiglu"},
+        checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream
         notes="max_image_size bounds the number of 560-px tiles per image.",
     )
 )

@@ -122,16 +122,30 @@ def _gc_layer_class() -> type:
     return GradientCheckpointingLayer
 
 
+def _spec_layer_names(model: nn.Module) -> set[str]:
+    """Block classes an architecture spec asks to checkpoint although they are no GradientCheckpointingLayer."""
+    from hf_fastvision.registry import get_arch_for_model_type
+
+    names: set[str] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        spec = get_arch_for_model_type(getattr(config, "model_type", "")) if config is not None else None
+        if spec is not None:
+            names.update(spec.checkpoint_layers)
+    return names
+
+
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     """The outermost ``GradientCheckpointingLayer`` instances of ``model``, in ``model.modules()`` order.
 
     Layers nested inside another such layer are skipped (checkpointing the outer one covers them).
     """
     gc_cls = _gc_layer_class()
+    extra = _spec_layer_names(model)
     found: list[nn.Module] = []
     inside: list[str] = []
     for name, module in model.named_modules(remove_duplicate=True):
-        if not isinstance(module, gc_cls):
+        if not isinstance(module, gc_cls) and type(module).__name__ not in extra:
             continue
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue

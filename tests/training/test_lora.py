@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fastvision import FastVisionModel
+from hf_fastvision import AutoFastVisionModel, FastVisionModel
 from hf_fastvision.archs.tiny import NAMED_TINY_TYPES, sample_batch
 from hf_fastvision.loading import get_load_info
 from hf_fastvision.registry import get_arch, resolve_roots
@@ -86,3 +86,29 @@ def test_for_training_and_inference_switch(tiny_checkpoint):
     FastVisionModel.for_training(peft_model)
     assert peft_model.training and processor.tokenizer.padding_side == "right"
     assert checkpointing_mode(peft_model.get_base_model()) is not None
+
+
+def test_spec_listed_blocks_are_checkpointed(tiny_checkpoint):
+    """Mllama's vision layers are plain modules upstream; the spec has them checkpointed too, with equal grads."""
+    from hf_fastvision.archs.tiny import tiny_processor
+    from hf_fastvision.training.checkpointing import checkpointed_layers
+
+    name = "mllama"
+    batch = sample_batch(tiny_processor(name), name, n=1)
+    grads = {}
+    for mode in (False, True):
+        model = AutoFastVisionModel.from_pretrained(tiny_checkpoint(name), load_in_16bit=True)
+        peft_model = FastVisionModel.get_peft_model(model, use_gradient_checkpointing=mode)
+        vision_layers = [m for m in checkpointed_layers(peft_model.get_base_model()) if "Vision" in type(m).__name__]
+        assert vision_layers
+        calls = []
+        for layer in vision_layers:
+            layer.mlp.register_forward_hook(lambda *a: calls.append(1))
+        peft_model(**batch).loss.backward()
+        if mode:  # recomputed in backward (a layer whose output never reaches the loss is not)
+            assert len(calls) > len(vision_layers)
+        else:
+            assert len(calls) == len(vision_layers)
+        grads[mode] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-6, msg=n)

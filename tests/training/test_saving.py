@@ -83,3 +83,18 @@ def test_save_adapter_refuses_plain_model(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="get_peft_model"):
         save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_adapter_made_by_stock_peft_loads_onto_ours(tiny_checkpoint, tmp_path):
+    """An adapter in the standard peft format made elsewhere (plain transformers + peft) loads onto our model."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tiny_checkpoint("qwen2_vl")
+    stock = get_peft_model(AutoModelForImageTextToText.from_pretrained(folder),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    stock.save_pretrained(tmp_path / "stock-adapter")
+    ours = PeftModel.from_pretrained(AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True), tmp_path / "stock-adapter")
+    from hf_fastvision.archs.tiny import tiny_processor
+
+    batch = sample_batch(tiny_processor("qwen2_vl"), "qwen2_vl", n=1, with_labels=False)
+    torch.testing.assert_close(_logits(ours, batch), _logits(stock, batch), rtol=1e-5, atol=1e-5)
