@@ -480,6 +480,7 @@ def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[
         sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", args.model,
         "--workdir", str(work), "--seqs", *map(str, args.seqs), "--steps", str(args.steps),
         "--batch", str(args.batch), "--autocast", args.autocast, "--deadline", f"{deadline:.1f}",
+        "--ours-patches", args.ours_patches,
         "--max-seq", str(max(args.seqs)),
     ]
     timeout = max(5.0, deadline - time.time() + args.grace)
@@ -731,7 +732,7 @@ def _load_ours(folder: str, args, device: str):
 
     model, _processor = FastVisionModel.from_pretrained(
         folder, max_seq_length=args.max_seq, load_in_4bit=True, use_gradient_checkpointing="unsloth",
-        dtype=torch.bfloat16,
+        dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")),
     )
     model = FastVisionModel.get_peft_model(
         model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
@@ -778,7 +779,7 @@ def _load_unsloth(folder: str, args, device: str):
 
     model, _tok = FastVisionModel.from_pretrained(
         folder, max_seq_length=args.max_seq, load_in_4bit=True, use_gradient_checkpointing="unsloth",
-        dtype=torch.bfloat16,
+        dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")),
     )
     model = FastVisionModel.get_peft_model(
         model, finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
@@ -969,6 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=None, help="cut layer counts (quick tests)")
+    p.add_argument("--ours-patches", default="true",
+                   help='our kernel patches: "true", "false" or JSON flags, e.g. \'{"fused_loss": false}\' (A/B runs)')
     p.add_argument("--autocast", choices=["on", "off"], default="on",
                    help="forward under bf16 autocast, as Trainer(bf16=True) does (off: plain loop; the hf recipe's "
                         "fp32-upcast norms then carry fp32 activations into attention)")
