@@ -16,6 +16,11 @@ __all__ = [
     "MissingDependencyError",
     "FeatureNotAvailableError",
     "ImageSpanTruncationError",
+    "HubError",
+    "InvalidRepoIdError",
+    "RefusedPushError",
+    "NotA4bitCheckpointError",
+    "HubOperationError",
 ]
 
 
@@ -105,3 +110,31 @@ class ImageSpanTruncationError(FastVisionError, ValueError):
             f"{max_seq_length}; cutting would split an image's token span. Raise max_seq_length, or lower the "
             "image resolution with `max_image_size=` (fewer image tokens)."
         )
+
+
+class HubError(FastVisionError):
+    """A hub operation was refused or failed. Its message never contains a token."""
+
+
+class InvalidRepoIdError(HubError, ValueError):
+    """The repo id is not one the Hub accepts (checked before any work)."""
+
+
+class RefusedPushError(HubError, PermissionError):
+    """Publishing would mislabel a model or overwrite a different one; `force=True` overrides."""
+
+
+class NotA4bitCheckpointError(HubError, ValueError):
+    """A folder or snapshot is not a bitsandbytes 4-bit checkpoint."""
+
+
+class HubOperationError(HubError, OSError):
+    """The server or the network failed. `status_code` / `error_code` as the server gave them, if any."""
+
+    def __init__(self, message: str, status_code: int | None = None, error_code: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_code = error_code
+
+
+# --------------------------------------------------------------------------------------------------- scrubbing

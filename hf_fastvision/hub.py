@@ -29,7 +29,6 @@ import functools
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -41,7 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hf_fastvision.errors import FastVisionError, ModelNotFoundError
+from hf_fastvision.cards import _front_matter, _size_16bit, _source_card, card_context, render_card
+from hf_fastvision.checkpoint_info import CheckpointInfo, inspect_checkpoint, is_4bit_model
+from hf_fastvision.errors import (
+    FastVisionError,
+    HubError,
+    HubOperationError,
+    InvalidRepoIdError,
+    ModelNotFoundError,
+    NotA4bitCheckpointError,
+    RefusedPushError,
+)
 
 __all__ = [
     "push_4bit",
@@ -72,7 +81,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 REDACTED = "<redacted>"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf")
 _WEIGHT_RE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.(safetensors|bin)\.index\.json$")
-_QUANT_STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
 _SAYS_QUANTIZED_RE = re.compile(r"4[-_.]?bit|bnb", re.IGNORECASE)
 _HF_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _BEARER_RE = re.compile(r"(bearer\s+)[^\s'\",;)\]}]+", re.IGNORECASE)
@@ -81,32 +89,6 @@ _LOGGERS = ("", "hf_fastvision", "huggingface_hub", "transformers", "httpx", "ht
 
 
 # --------------------------------------------------------------------------------------------------- errors
-class HubError(FastVisionError):
-    """A hub operation was refused or failed. Its message never contains a token."""
-
-
-class InvalidRepoIdError(HubError, ValueError):
-    """The repo id is not one the Hub accepts (checked before any work)."""
-
-
-class RefusedPushError(HubError, PermissionError):
-    """Publishing would mislabel a model or overwrite a different one; `force=True` overrides."""
-
-
-class NotA4bitCheckpointError(HubError, ValueError):
-    """A folder or snapshot is not a bitsandbytes 4-bit checkpoint."""
-
-
-class HubOperationError(HubError, OSError):
-    """The server or the network failed. `status_code` / `error_code` as the server gave them, if any."""
-
-    def __init__(self, message: str, status_code: int | None = None, error_code: str | None = None):
-        super().__init__(message)
-        self.status_code = status_code
-        self.error_code = error_code
-
-
-# --------------------------------------------------------------------------------------------------- scrubbing
 def _secrets(token: Any = None) -> tuple[str, ...]:
     """Every token this process could send: the argument, HF_TOKEN and friends, the stored login."""
     found = {token} if isinstance(token, str) else set()
@@ -237,157 +219,6 @@ def _api(token: str | None) -> Any:
     return HfApi(endpoint=_endpoint(), token=token)
 
 
-def _human(n: int | float | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _front_matter(path: Path) -> dict[str, Any]:
-    """YAML metadata of a README.md (empty when absent or unreadable)."""
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return {}
-    m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, flags=re.S)
-    if not m:
-        return {}
-    try:
-        meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-# --------------------------------------------------------------------------------------------------- inspection
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What `inspect_checkpoint` found in a bitsandbytes 4-bit folder."""
-
-    path: str
-    model_type: str | None
-    architectures: tuple[str, ...]
-    quant_type: str
-    double_quant: bool
-    compute_dtype: str | None
-    skip_modules: tuple[str, ...]
-    quantized_tensors: int
-    weight_bytes: int
-    size_bytes: int
-    files: tuple[str, ...]
-
-    @property
-    def kept_modules(self) -> tuple[str, ...]:
-        """The skip entries as plain module names (our entries are escaped regexes with a boundary lookahead)."""
-        return tuple(_plain_module(s) for s in self.skip_modules)
-
-    def summary(self) -> str:
-        dq = " + double quant" if self.double_quant else ""
-        return (
-            f"{self.model_type} bitsandbytes 4-bit ({self.quant_type}{dq}), {self.quantized_tensors} quantized "
-            f"tensors, {len(self.files)} files, {_human(self.size_bytes)}"
-        )
-
-
-def _plain_module(entry: str) -> str:
-    return entry.replace(r"(?=\.|$)", "").replace("\\", "")
-
-
-def _safetensors_keys(path: Path) -> set[str]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return {k for k in header if k != "__metadata__"}
-
-
-def _quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
-    qc = config.get("quantization_config")
-    return qc if isinstance(qc, dict) else None
-
-
-def inspect_checkpoint(folder: str | os.PathLike[str]) -> CheckpointInfo:
-    """Check that `folder` is a bitsandbytes 4-bit checkpoint; raise `NotA4bitCheckpointError` naming what is wrong.
-
-    Checked: config.json has a `quantization_config` with `quant_method: bitsandbytes` and `load_in_4bit`; the
-    safetensors files are complete; the tensors carry the 4-bit quant state (`<weight>.quant_state.bitsandbytes__
-    nf4|fp4`, `.absmax`, `.quant_map`) of the quant type the config names.
-    """
-    from hf_fastvision.loading import verify_safetensors
-
-    root = Path(folder)
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise NotA4bitCheckpointError(f"{root} has no config.json, so it is not a saved model.")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    qc = _quantization_config(config)
-    method = (qc or {}).get("quant_method")
-    if qc is None or str(method).lower() != "bitsandbytes":
-        raise NotA4bitCheckpointError(
-            f"{root} is not a bitsandbytes checkpoint: config.json has "
-            + ("no quantization_config" if qc is None else f"quant_method {method!r}")
-            + ". Quantize it first (`hf-fastvision quantize SOURCE REPO_ID`)."
-        )
-    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        bits = "8-bit" if qc.get("load_in_8bit") or qc.get("_load_in_8bit") else "not 4-bit"
-        raise NotA4bitCheckpointError(f"{root} is a bitsandbytes {bits} checkpoint, not a 4-bit one.")
-    shards = sorted(root.glob("*.safetensors"))
-    if not shards:
-        raise NotA4bitCheckpointError(f"{root} has no *.safetensors weights (only safetensors checkpoints are supported).")
-    verify_safetensors(root)
-    keys: set[str] = set()
-    for shard in shards:
-        keys |= _safetensors_keys(shard)
-    states = {m.group("weight"): m.group("type") for k in keys if (m := _QUANT_STATE_RE.match(k))}
-    if not states:
-        raise NotA4bitCheckpointError(
-            f"{root}: config.json says 4-bit, but no tensor carries a bitsandbytes 4-bit quant state "
-            "('<weight>.quant_state.bitsandbytes__nf4'); the weights were saved unquantized."
-        )
-    incomplete = sorted(w for w in states if not {w, f"{w}.absmax", f"{w}.quant_map"} <= keys)
-    if incomplete:
-        raise NotA4bitCheckpointError(f"{root}: incomplete 4-bit quant state for {', '.join(incomplete[:3])}.")
-    declared = qc.get("bnb_4bit_quant_type", "fp4")
-    found = set(states.values())
-    if found != {declared}:
-        raise NotA4bitCheckpointError(f"{root}: config.json says {declared}, the tensors are {', '.join(sorted(found))}.")
-    files = tuple(sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".git" not in p.parts))
-    compute = qc.get("bnb_4bit_compute_dtype")
-    return CheckpointInfo(
-        path=str(root),
-        model_type=config.get("model_type"),
-        architectures=tuple(config.get("architectures") or ()),
-        quant_type=declared,
-        double_quant=any(k.endswith(".nested_absmax") for k in keys),
-        compute_dtype=str(compute).removeprefix("torch.") if compute else None,
-        skip_modules=tuple(qc.get("llm_int8_skip_modules") or ()),
-        quantized_tensors=len(states),
-        weight_bytes=sum(p.stat().st_size for p in shards),
-        size_bytes=sum((root / f).stat().st_size for f in files),
-        files=files,
-    )
-
-
-def is_4bit_model(model: Any) -> bool:
-    """True for a model loaded (or quantized on load) with bitsandbytes 4-bit weights."""
-    config = getattr(model, "config", None)
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return False
-    qd = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else vars(qc))
-    method = qd.get("quant_method")
-    if str(getattr(method, "value", method)).lower() != "bitsandbytes":
-        return False
-    if not (qd.get("load_in_4bit") or qd.get("_load_in_4bit")):
-        return False
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
-
-
 class Snapshot(str):
     """The local path of a pulled snapshot (a `str`), with what `inspect_checkpoint` found as `.info`."""
 
@@ -441,94 +272,6 @@ def pull(
 
 
 # --------------------------------------------------------------------------------------------------- cards
-def _template_candidates() -> list[Path]:
-    here = Path(__file__).resolve().parent
-    return [here / "assets" / "model_cards" / "quantized.md.j2", here.parent / "model_cards" / "quantized.md.j2"]
-
-
-def render_card(context: dict[str, Any], template: str | os.PathLike[str] | None = None) -> str:
-    """Render the quantized-model card (`model_cards/quantized.md.j2`, or `template`) with `context`."""
-    import jinja2
-
-    path = Path(template) if template is not None else next((p for p in _template_candidates() if p.is_file()), None)
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"model card template not found (looked in {[str(p) for p in _template_candidates()]})")
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path.parent)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["yaml"] = lambda v: json.dumps(v, ensure_ascii=False)
-    env.filters["human_bytes"] = _human
-    return env.get_template(path.name).render(**context)
-
-
-def card_context(
-    info: CheckpointInfo,
-    *,
-    repo_id: str,
-    base_model: str | None,
-    size_16bit: int | None = None,
-    logit_error: dict[str, Any] | None = None,
-    source_card: dict[str, Any] | None = None,
-    kept_linear: int | None = None,
-    tags: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The variables `render_card` fills in, from a written 4-bit folder and what is known of its source."""
-    from hf_fastvision import __version__
-
-    source_card = source_card or {}
-    all_tags = ["bitsandbytes", "4-bit", "hf_fastvision", info.model_type or "vision-language", *tags]
-    license_keys = ("license", "license_name", "license_link")
-    license_meta = {k: source_card[k] for k in license_keys if isinstance(source_card.get(k), str)}
-    return {
-        "repo_id": repo_id,
-        "base_model": base_model,
-        "model_type": info.model_type,
-        "architectures": list(info.architectures),
-        "license": license_meta,
-        "tags": list(dict.fromkeys(all_tags)),
-        "quant_type": info.quant_type,
-        "double_quant": info.double_quant,
-        "compute_dtype": info.compute_dtype or "float32",
-        "kept_modules": list(info.kept_modules),
-        "quantized_tensors": info.quantized_tensors,
-        "kept_linear": kept_linear,
-        "size_16bit": size_16bit,
-        "size_4bit": info.weight_bytes,
-        "ratio": (info.weight_bytes / size_16bit) if size_16bit else None,
-        "logit_error": logit_error,
-        "version": __version__,
-    }
-
-
-def _source_card(name: str | None, revision: str | None, local: bool, token: str | None) -> dict[str, Any]:
-    """Front matter of the source model's README (for its license), from disk or the Hub; {} if unavailable."""
-    if not name:
-        return {}
-    if local or Path(name).is_dir():
-        return _front_matter(Path(name) / "README.md")
-    with contextlib.suppress(Exception):
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(
-            name, "README.md", revision=revision, token=token, endpoint=_endpoint(), local_files_only=_offline()
-        )
-        return _front_matter(Path(path))
-    return {}
-
-
-def _size_16bit(model: Any) -> int:
-    """Bytes of the model's weights in 16-bit (4-bit weights counted at their original shape)."""
-    total = 0
-    for p in model.parameters():
-        state = getattr(p, "quant_state", None)
-        total += 2 * (math.prod(state.shape) if state is not None else p.numel())
-    return total
-
-
-# --------------------------------------------------------------------------------------------------- push
 @dataclass
 class _Target:
     repo_id: str

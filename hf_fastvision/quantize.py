@@ -171,7 +171,7 @@ def plan_quantization(
 ) -> dict[str, Any]:
     """What `quantize_and_publish` would do to `source`, from its config alone (no weights are loaded)."""
     from hf_fastvision.auto import FAST_VISION_MAPPING
-    from hf_fastvision.hub import _plain_module
+    from hf_fastvision.checkpoint_info import _plain_module
     from hf_fastvision.loading import (
         LoadOptions,
         _prequantized,
@@ -449,7 +449,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gb(n: int | None) -> str:
-    from hf_fastvision.hub import _human
+    from hf_fastvision.checkpoint_info import human_bytes as _human
 
     return _human(n)
 
