@@ -1,0 +1,218 @@
+"""`model.fast_generate(...)`: greedy-identical generation with a static KV cache (and CUDA graphs on CUDA).
+
+Everything here is transformers' own machinery, switched on per instance:
+
+- ``cache_implementation="static"``: a fixed-size KV cache (``StaticCache``, built by the model's own
+  ``_prepare_static_cache``, so model-specific layouts such as Mllama's cross-attention layers come out right),
+  sized to ``max_seq_length`` where the installed transformers accepts ``max_cache_len`` (5.24) and to the call's
+  ``max_length`` otherwise (5.17);
+- on CUDA, ``generate``'s automatic compilation of the decode step with ``CompileConfig(mode="reduce-overhead")``
+  (CUDA graphs).  transformers refuses to auto-compile bitsandbytes models (``hf_quantizer.is_compileable`` is
+  False), so the instance gets a ``_valid_auto_compile_criteria`` that allows it for a static cache on CUDA;
+  on CPU nothing is compiled.
+
+A PEFT model generates through ``PeftModel.generate``: LoRA adapters apply unmerged.  Greedy output equals
+``model.generate(..., do_sample=False)`` token for token.  If a model cannot generate with a static cache the call
+falls back to the dynamic cache, and ``fast_inference_state(model).fallback_reason`` records why.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FastInferenceState",
+    "enable_fast_inference",
+    "disable_fast_inference",
+    "fast_inference_state",
+    "max_batch_for_memory",
+]
+
+logger = logging.getLogger(__name__)
+
+_STATE_ATTR = "_hf_fastvision_fast_inference"
+
+
+@dataclass
+class FastInferenceState:
+    """What `enable_fast_inference` chose for one model instance (``model._hf_fastvision_fast_inference``)."""
+
+    max_seq_length: int = field(metadata={"help": "KV cache length (prompt + new tokens) per sequence."})
+    gpu_memory_utilization: float = field(metadata={"help": "Share of free GPU memory the KV cache may use."})
+    max_batch_size: int | None = field(
+        default=None, metadata={"help": "Largest batch one call may take (None: unbounded, e.g. on CPU)."}
+    )
+    compile: bool = field(default=False, metadata={"help": "Decode step compiled (reduce-overhead) — CUDA only."})
+    static_cache: bool = field(default=True, metadata={"help": "False once the model fell back to DynamicCache."})
+    fallback_reason: str | None = field(default=None, metadata={"help": "Why the dynamic cache is used, if it is."})
+    static_worked: bool = field(default=False, metadata={"help": "A static-cache call has succeeded."})
+    calls: int = field(default=0, metadata={"help": "fast_generate calls so far."})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def fast_inference_state(model: nn.Module) -> FastInferenceState | None:
+    return getattr(_unwrap(model), _STATE_ATTR, None)
+
+
+def _kv_bytes_per_sequence(model: nn.Module, max_seq_length: int) -> int:
+    cfg = model.config.get_text_config(decoder=True)
+    layers = int(getattr(cfg, "num_hidden_layers", 1))
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    return 2 * layers * kv_heads * int(head_dim) * int(max_seq_length) * itemsize
+
+
+def max_batch_for_memory(model: nn.Module, max_seq_length: int, gpu_memory_utilization: float) -> int | None:
+    """Largest batch whose static KV cache fits in ``gpu_memory_utilization`` of free CUDA memory (None off CUDA)."""
+    device = _unwrap(model).device
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    per_seq = _kv_bytes_per_sequence(_unwrap(model), max_seq_length)
+    return max(1, int(free * gpu_memory_utilization) // max(per_seq, 1))
+
+
+def _supports_max_cache_len() -> bool:
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "max_cache_len")
+
+
+def _compile_criteria(self: nn.Module, model_kwargs: dict, generation_config: Any) -> bool:
+    """`_valid_auto_compile_criteria` without the quantizer veto: compile the decode step for a static cache on CUDA."""
+    state = getattr(self, _STATE_ATTR, None)
+    if state is None or not state.compile or getattr(generation_config, "disable_compile", False):
+        return type(self)._valid_auto_compile_criteria(self, model_kwargs, generation_config)
+    from transformers import DynamicCache
+
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    return (
+        self.device.type == "cuda"
+        and cache is not None
+        and bool(getattr(cache, "is_compileable", False))
+        and not isinstance(cache, DynamicCache)
+    )
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0])
+    return 1
+
+
+def _fast_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`generate` with a static KV cache (and, on CUDA, a compiled decode step); same inputs and outputs."""
+    base = _unwrap(self)
+    state: FastInferenceState = getattr(base, _STATE_ATTR)
+    state.calls += 1
+    batch = _batch_size(args, kwargs)
+    if state.max_batch_size is not None and batch > state.max_batch_size:
+        raise ValueError(
+            f"fast_generate got a batch of {batch}, but its static KV cache ({state.max_seq_length} tokens per "
+            f"sequence, gpu_memory_utilization={state.gpu_memory_utilization}) fits at most {state.max_batch_size}: "
+            "split the batch, or call enable_fast_inference again with a larger gpu_memory_utilization / "
+            "max_batch_size or a smaller max_seq_length."
+        )
+    user_chose_cache = any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation"))
+    if user_chose_cache or kwargs.get("use_cache") is False or not state.static_cache:
+        return self.generate(*args, **kwargs)
+    static_kwargs = dict(kwargs, cache_implementation="static")
+    if _supports_max_cache_len():
+        static_kwargs.setdefault("max_cache_len", state.max_seq_length)
+    if state.compile:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        static_kwargs.setdefault("compile_config", CompileConfig(mode="reduce-overhead"))
+    else:
+        static_kwargs.setdefault("disable_compile", True)
+    try:
+        out = self.generate(*args, **static_kwargs)
+    except Exception as err:  # noqa: BLE001 - a model that refuses a static cache falls back, recorded
+        if state.static_worked:
+            raise  # the static cache worked before: this is an error of this call, not a static-cache limitation
+        state.static_cache = False
+        state.fallback_reason = f"{type(err).__name__}: {err}"[:500]
+        logger.warning(
+            "fast_generate: %s cannot generate with a static KV cache (%s); using the dynamic cache",
+            type(base).__name__,
+            state.fallback_reason,
+        )
+        return self.generate(*args, **kwargs)
+    state.static_worked = True
+    return out
+
+
+def enable_fast_inference(
+    model: nn.Module,
+    *,
+    max_seq_length: int | None = None,
+    gpu_memory_utilization: float = 0.5,
+    max_batch_size: int | None = None,
+) -> nn.Module:
+    """Attach ``model.fast_generate(...)`` (same inputs as ``generate``) to this instance; returns the model.
+
+    ``max_seq_length`` (default: the one given at load) sizes the static KV cache; on CUDA the largest batch
+    is the one whose cache fits in ``gpu_memory_utilization`` of free memory, or ``max_batch_size`` if smaller.
+    Call again after wrapping the model in PEFT to generate through the PeftModel (the base keeps working too:
+    LoRA layers live in its modules).  Idempotent.
+    """
+    base = _unwrap(model)
+    if max_seq_length is None:
+        previous = getattr(base, _STATE_ATTR, None) or getattr(base, "_hf_fastvision_fast_inference_settings", None)
+        max_seq_length = previous.max_seq_length if previous is not None else getattr(base, "max_seq_length", None)
+    if max_seq_length is None or int(max_seq_length) <= 0:
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length}")
+    if not 0.0 < float(gpu_memory_utilization) <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_batch_size is not None and int(max_batch_size) <= 0:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization))
+    if max_batch_size is not None:
+        limit = int(max_batch_size) if limit is None else min(limit, int(max_batch_size))
+    state = FastInferenceState(
+        max_seq_length=int(max_seq_length),
+        gpu_memory_utilization=float(gpu_memory_utilization),
+        max_batch_size=limit,
+        compile=base.device.type == "cuda",
+    )
+    old = getattr(base, _STATE_ATTR, None)
+    if old is not None and not old.static_cache:  # a known limitation stays known
+        state.static_cache, state.fallback_reason = False, old.fallback_reason
+    elif old is not None:
+        state.static_worked = old.static_worked
+    setattr(base, _STATE_ATTR, state)
+    base._valid_auto_compile_criteria = types.MethodType(_compile_criteria, base)
+    for target in {id(model): model, id(base): base}.values():
+        target.fast_generate = types.MethodType(_fast_generate, target)
+    return model
+
+
+def disable_fast_inference(model: nn.Module) -> nn.Module:
+    """Remove ``fast_generate`` and the compile override (back to plain ``generate``); settings are kept so that
+    ``enable_fast_inference(model)`` with no arguments restores them.  Safe on models that never had it."""
+    base = _unwrap(model)
+    state = getattr(base, _STATE_ATTR, None)
+    if state is not None:
+        base._hf_fastvision_fast_inference_settings = state
+        delattr(base, _STATE_ATTR)
+    for target in (model, base):
+        target.__dict__.pop("fast_generate", None)
+    base.__dict__.pop("_valid_auto_compile_criteria", None)
+    return model
