@@ -163,20 +163,23 @@ def enable_fast_inference(
     model: nn.Module,
     *,
     max_seq_length: int | None = None,
-    gpu_memory_utilization: float = 0.5,
+    gpu_memory_utilization: float | None = None,
     max_batch_size: int | None = None,
 ) -> nn.Module:
     """Attach ``model.fast_generate(...)`` (same inputs as ``generate``) to this instance; returns the model.
 
-    ``max_seq_length`` (default: the one given at load) sizes the static KV cache; on CUDA the largest batch
+    Arguments left out reuse the previous call's (kept across `disable_fast_inference`), else
+    ``max_seq_length`` = the one given at load and ``gpu_memory_utilization`` = 0.5.  ``max_seq_length`` sizes the static KV cache; on CUDA the largest batch
     is the one whose cache fits in ``gpu_memory_utilization`` of free memory, or ``max_batch_size`` if smaller.
     Call again after wrapping the model in PEFT to generate through the PeftModel (the base keeps working too:
     LoRA layers live in its modules).  Idempotent.
     """
     base = _unwrap(model)
+    previous = getattr(base, _STATE_ATTR, None) or getattr(base, "_hf_fastvision_fast_inference_settings", None)
     if max_seq_length is None:
-        previous = getattr(base, _STATE_ATTR, None) or getattr(base, "_hf_fastvision_fast_inference_settings", None)
         max_seq_length = previous.max_seq_length if previous is not None else getattr(base, "max_seq_length", None)
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = previous.gpu_memory_utilization if previous is not None else 0.5
     if max_seq_length is None or int(max_seq_length) <= 0:
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length}")
     if not 0.0 < float(gpu_memory_utilization) <= 1.0:
