@@ -109,15 +109,7 @@ def _worker(folder: str, out: str) -> None:
 
 def test_ddp_lora_grads_match_single_process_and_only_rank0_writes(tiny_checkpoint, tmp_path):
     folder = str(tiny_checkpoint(NAME))
-    port = _free_port()
-    procs = []
-    t0 = time.time()
-    for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-        procs.append(subprocess.Popen([sys.executable, __file__, folder, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _launch(folder, tmp_path, "ddp")
 
     # the single-process reference, while the workers run
     model, processor = _build(folder)
@@ -125,16 +117,7 @@ def test_ddp_lora_grads_match_single_process_and_only_rank0_writes(tiny_checkpoi
     model(**full, num_items_in_batch=n_items).loss.backward()
     reference = _lora_grads(model)
 
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(10.0, 240 - (time.time() - t0)))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    _wait(procs, 240)
 
     grads = [torch.load(tmp_path / f"grads_rank{r}.pt") for r in range(WORLD)]
     assert set(grads[0]) == set(reference) and len(reference) > 0
@@ -203,5 +186,68 @@ def test_fsdp_qlora_needs_quant_storage(tiny_checkpoint):
     assert not fsdp_requested()
 
 
-if __name__ == "__main__":  # a DDP worker, started by the test above
-    _worker(sys.argv[1], sys.argv[2])
+def _fsdp_worker(folder: str, out: str) -> None:
+    """FSDP (FULL_SHARD, peft's wrap policy) over a QLoRA model whose 4-bit weights are stored as fp32 (= compute)."""
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from hf_fastvision import FastVisionModel
+    from hf_fastvision.distributed import check_fsdp_qlora, world_info
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = world_info().rank
+    model, processor = FastVisionModel.from_pretrained(folder, max_seq_length=256, quant_storage="float32")
+    model = FastVisionModel.get_peft_model(model, r=4, lora_dropout=0.0, use_gradient_checkpointing="unsloth")
+    check_fsdp_qlora(model)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=ShardingStrategy.FULL_SHARD,
+                   device_id=torch.device("cpu"), use_orig_params=False)
+    local_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
+    _, parts, n_items = _batches(processor)
+    loss = wrapped(**parts[rank], num_items_in_batch=n_items).loss
+    loss.backward()
+    (Path(out) / f"fsdp_rank{rank}.json").write_text(json.dumps({"full": full_bytes, "local": local_bytes, "loss": float(loss)}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _launch(folder: str, out: Path, mode: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+        procs.append(subprocess.Popen([sys.executable, __file__, folder, str(out), mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
+    t0 = time.time()
+    for p in procs:
+        try:
+            log = p.communicate(timeout=max(10.0, timeout - (time.time() - t0)))[0]
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, log[-4000:]
+
+
+def test_fsdp_full_shard_qlora_on_gloo(tiny_checkpoint, tmp_path):
+    """The 4-bit weights (fp32 storage here: the compute dtype on CPU) are sharded: each rank holds about half."""
+    _wait(_launch(str(tiny_checkpoint(NAME)), tmp_path, "fsdp"), 240)
+    reports = [json.loads((tmp_path / f"fsdp_rank{r}.json").read_text()) for r in range(WORLD)]
+    full = reports[0]["full"]
+    assert all(r["full"] == full for r in reports)
+    assert all(r["local"] < 0.6 * full for r in reports)
+    assert full <= sum(r["local"] for r in reports) <= full * 1.01  # + FSDP's padding to equal shards
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
+
+
+if __name__ == "__main__":  # a worker, started by the tests above
+    {"ddp": _worker, "fsdp": _fsdp_worker}[sys.argv[3] if len(sys.argv) > 3 else "ddp"](sys.argv[1], sys.argv[2])
