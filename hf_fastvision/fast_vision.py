@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from hf_fastvision.auto import AutoFastVisionModel
-from hf_fastvision.errors import FeatureNotAvailableError
 from hf_fastvision.loading import get_load_info, load_model
 from hf_fastvision.options import options_from_flags
 from hf_fastvision.processor import load_processor
@@ -46,10 +45,6 @@ class FastVisionModel:
         `quant_type`, `double_quant`, `quant_storage`, and transformers' own `revision`, `cache_dir`,
         `local_files_only`, `attn_implementation`, `quantization_config` (which wins over the built-in plan).
         """
-        if fast_inference:
-            raise FeatureNotAvailableError(
-                "fast_inference=True", "Load with fast_inference=False and call model.generate(...) for now."
-            )
         if not 0.0 < float(gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_seq_length is not None and int(max_seq_length) <= 0:
@@ -83,6 +78,12 @@ class FastVisionModel:
         )
         model.max_seq_length = max_seq_length
         model._hf_fastvision_processor = processor  # for_training / for_inference switch its padding side
+        if fast_inference:
+            from hf_fastvision.inference import enable_fast_inference
+
+            enable_fast_inference(
+                model, max_seq_length=max_seq_length or 2048, gpu_memory_utilization=gpu_memory_utilization
+            )
         return model, processor
 
     @staticmethod

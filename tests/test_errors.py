@@ -13,7 +13,6 @@ from hf_fastvision import (
     ConflictingOptionsError,
     CorruptCheckpointError,
     FastVisionModel,
-    FeatureNotAvailableError,
     MissingDependencyError,
     ModelNotFoundError,
     NotAVisionModelError,
@@ -78,9 +77,9 @@ def test_conflicting_flags(kwargs, watch_disk):
         FastVisionModel.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", **kwargs)
 
 
-def test_fast_inference_not_yet(watch_disk):
-    with pytest.raises(FeatureNotAvailableError, match="fast_inference"):
-        FastVisionModel.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", fast_inference=True)
+def test_bad_gpu_memory_utilization(watch_disk):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        FastVisionModel.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", gpu_memory_utilization=1.5)
 
 
 def test_prequantized_cannot_load_16bit(tiny_checkpoint, tmp_path):

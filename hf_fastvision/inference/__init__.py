@@ -7,6 +7,7 @@ from hf_fastvision.inference.fast_generate import (
     FastInferenceState,
     disable_fast_inference,
     enable_fast_inference,
+    fast_inference_requested,
     fast_inference_state,
     max_batch_for_memory,
 )
@@ -16,5 +17,6 @@ __all__ = [
     "enable_fast_inference",
     "disable_fast_inference",
     "fast_inference_state",
+    "fast_inference_requested",
     "max_batch_for_memory",
 ]

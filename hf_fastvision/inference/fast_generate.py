@@ -68,6 +68,12 @@ def fast_inference_state(model: nn.Module) -> FastInferenceState | None:
     return getattr(_unwrap(model), _STATE_ATTR, None)
 
 
+def fast_inference_requested(model: nn.Module) -> bool:
+    """Whether fast inference is on, or was on before `disable_fast_inference` (e.g. by `for_training`)."""
+    base = _unwrap(model)
+    return getattr(base, _STATE_ATTR, None) is not None or getattr(base, "_hf_fastvision_fast_inference_settings", None) is not None
+
+
 def _kv_bytes_per_sequence(model: nn.Module, max_seq_length: int) -> int:
     cfg = model.config.get_text_config(decoder=True)
     layers = int(getattr(cfg, "num_hidden_layers", 1))

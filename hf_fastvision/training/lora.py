@@ -154,6 +154,9 @@ def _processor(model: Any) -> Any:
 
 def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
     """Train mode, right padding, no KV cache, checkpointing as chosen at load / LoRA set-up."""
+    from hf_fastvision.inference import disable_fast_inference
+
+    disable_fast_inference(model)
     base = _unwrap(model)
     mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
         base, "_hf_fastvision_checkpointing", "unsloth"
@@ -177,6 +180,10 @@ def for_inference(model: Any) -> Any:
     disable_checkpointing(base)
     if (processor := _processor(model)) is not None:
         set_padding_side(processor, "left")
+    from hf_fastvision.inference import enable_fast_inference, fast_inference_requested
+
+    if fast_inference_requested(model):
+        enable_fast_inference(model)  # back to the fast path chosen at load, settings kept from then
     return model
 
 

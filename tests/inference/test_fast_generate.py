@@ -126,3 +126,16 @@ def test_vllm_backend_is_optional_and_lazy():
     with pytest.raises(FeatureNotAvailableError, match="pip install vllm"):
         vllm_backend.load_vllm_engine("some/model", config, max_seq_length=128)
     assert "vllm" not in sys.modules
+
+
+def test_fast_inference_flag_and_training_switch(tiny_checkpoint):
+    """`from_pretrained(fast_inference=True)` attaches fast_generate; for_training removes it, for_inference restores."""
+    from hf_fastvision import FastVisionModel
+
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")), fast_inference=True,
+                                                       max_seq_length=128)
+    assert callable(getattr(model, "fast_generate", None))
+    peft_model = FastVisionModel.get_peft_model(model, r=4)  # calls for_training
+    assert getattr(peft_model, "fast_generate", None) is None
+    FastVisionModel.for_inference(peft_model)
+    assert callable(getattr(peft_model, "fast_generate", None))
