@@ -1,4 +1,4 @@
-"""The `hf-fastvision` command: `info`, `demo`, `quantize`."""
+"""The `hf-fastvision` command: `info`, `demo`, `quantize`, `pull`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir, quick=args.quick)
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from hf_fastvision.checkpoint_info import human_bytes
+    from hf_fastvision.hub import pull
+
+    snapshot = pull(args.repo_id, revision=args.revision, cache_dir=args.cache_dir)
+    print(f"{args.repo_id}{'@' + args.revision if args.revision else ''}: bitsandbytes 4-bit checkpoint, "
+          f"{human_bytes(snapshot.size_bytes)}")
+    print(str(snapshot))
+    return 0
+
+
 def _quantize(argv: list[str]) -> int:
     from hf_fastvision.quantize import quantize_command
 
@@ -61,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None)
     demo.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
     demo.set_defaults(func=_demo)
+    pull = sub.add_parser("pull", help="download a bnb-4bit repo into the HF cache and check it really is one")
+    pull.add_argument("repo_id")
+    pull.add_argument("--revision")
+    pull.add_argument("--cache-dir")
+    pull.set_defaults(func=_pull)
     sub.add_parser("quantize", help="quantize a model to 4-bit and publish it (see --help)", add_help=False)
     return parser
 

@@ -28,3 +28,18 @@ def test_info_text_and_json(tiny_checkpoint, capsys, monkeypatch):
 def test_info_errors_exit_2(capsys, tmp_path):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pull_from_cache_offline(tiny_checkpoint, tmp_path, capsys):
+    from hf_fastvision import AutoFastVisionModel
+
+    sha = "b" * 40
+    repo = tmp_path / "cache" / "models--someone--tiny-bnb-4bit"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_vl")).save_pretrained(repo / "snapshots" / sha)
+    assert main(["pull", "someone/tiny-bnb-4bit", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "bitsandbytes 4-bit checkpoint" in out and sha in out
+    assert main(["pull", "someone/not-cached", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
