@@ -60,6 +60,14 @@ class VisionSFTCollator:
                 return_tensors="pt",
                 **self.processor_kwargs,
             )
+        except ValueError as exc:
+            if any(images) and not all(images):
+                raise ValueError(
+                    f"{type(self.processor).__name__} of this transformers version cannot mix text-only and image "
+                    "samples in one batch; upgrade transformers, or batch samples by modality (e.g. a sampler that "
+                    f"groups them). Processor said: {exc}"
+                ) from exc
+            raise
         finally:
             tok.padding_side = side
 

@@ -16,8 +16,11 @@ from hf_fastvision.inference import disable_fast_inference, enable_fast_inferenc
 
 NEW_TOKENS = 6
 MAX_SEQ = 256
-# Architectures expected to fall back to the dynamic cache (none on transformers 5.17 / 5.24 so far).
+# Architectures expected to fall back to the dynamic cache (none on transformers 5.24; Mllama on 5.17).
 DYNAMIC_CACHE_FALLBACK: dict[str, str] = {}
+if tuple(int(x) for x in __import__("transformers").__version__.split(".")[:2]) < (5, 20):
+    # transformers 5.17's Mllama static cache mis-sizes the cross-attention mask; fast_generate falls back
+    DYNAMIC_CACHE_FALLBACK["mllama"] = "static cache shape mismatch in Mllama cross-attention (transformers 5.17)"
 
 
 def _cache_types(model) -> list[str]:
