@@ -35,7 +35,8 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from hf_fastvision.demo import run_demo
 
-    return run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir, quick=args.quick)
+    run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir, quick=args.quick)
+    return 0
 
 
 def _pull(args: argparse.Namespace) -> int:

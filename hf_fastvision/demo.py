@@ -119,8 +119,8 @@ def run_demo(
     output_dir: str | None = None,
     quick: bool = False,
     eval_size: int | None = None,
-) -> int:
-    """The README's main job. Returns 0; prints accuracy before and after."""
+) -> dict[str, Any]:
+    """The README's main job: prints accuracy before and after, and returns what it measured."""
     from peft import PeftModel
 
     from hf_fastvision import FastVisionModel
@@ -156,5 +156,4 @@ def run_demo(
     print(f"reloaded adapter, new {colour} shape: Q: {QUESTION}  A: {answer}")
     reloaded_acc = evaluate(reloaded, processor2, held_out[: max(6, eval_size // 4)])
     print(f"reloaded adapter accuracy on {max(6, eval_size // 4)} held-out images: {reloaded_acc:.0%}")
-    run_demo.last = {"before": before, "after": after, "answer": answer, "colour": colour, "reloaded": reloaded_acc}  # type: ignore[attr-defined]
-    return 0
+    return {"before": before, "after": after, "answer": answer, "colour": colour, "reloaded": reloaded_acc}

@@ -20,8 +20,9 @@ def describe(name: str, **kwargs: Any) -> dict[str, Any]:
     spec = arch_for(config, name)
     dtype = default_dtype(options.dtype)
     model_class = AutoFastVisionModel._model_mapping[type(config)]
-    plan = plan_for(config, spec, model_class, options, dtype)
-    memory = estimate_memory(meta_model(config, model_class), plan, dtype_bytes=2 if dtype.itemsize <= 2 else 4)
+    meta = meta_model(config, model_class)
+    plan = plan_for(config, spec, model_class, options, dtype, meta=meta)
+    memory = estimate_memory(meta, plan, dtype_bytes=2 if dtype.itemsize <= 2 else 4)
     return {
         "resolution": resolution.as_dict(),
         "model_type": config.model_type,

@@ -208,9 +208,11 @@ def _validate(options: LoadOptions) -> None:
         )
 
 
-def plan_for(config: Any, spec: ArchSpec, model_class: type, options: LoadOptions, dtype: torch.dtype) -> QuantPlan:
-    """The quantization plan for `config` under `options`, computed on a meta-device instance."""
-    meta = meta_model(config, model_class)
+def plan_for(
+    config: Any, spec: ArchSpec, model_class: type, options: LoadOptions, dtype: torch.dtype, meta: Any = None
+) -> QuantPlan:
+    """The quantization plan for `config` under `options`, computed on a meta-device instance (made if not given)."""
+    meta = meta if meta is not None else meta_model(config, model_class)
     return build_plan(
         meta,
         spec,

@@ -98,10 +98,6 @@ def _under(name: str, roots: tuple[str, ...]) -> bool:
     return any(name.startswith(r + ".") for r in roots)
 
 
-def _find(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
 def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
     original = self.__dict__[_ORIGINAL] or type(self).forward.__get__(self)
     if labels is None:
@@ -112,7 +108,7 @@ def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None
     def grab(_module: nn.Module, _inputs: Any, output: Any) -> None:
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    handle = _find(self, self._hffv_text_root).register_forward_hook(grab)
+    handle = self.get_submodule(self._hffv_text_root).register_forward_hook(grab)
     try:
         out = original(*args, logits_to_keep=1, **kwargs)
     finally:

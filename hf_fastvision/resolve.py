@@ -33,15 +33,17 @@ def is_offline() -> bool:
 
 
 @lru_cache(maxsize=1)
+def _mapping() -> dict[str, str]:
+    text = resources.files("hf_fastvision").joinpath("data/prequantized.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
 def _twins() -> dict[str, str]:
-    text = resources.files("hf_fastvision").joinpath("data/prequantized.json").read_text()
-    return {k.lower(): v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return {k.lower(): v for k, v in _mapping().items()}
 
 
-@lru_cache(maxsize=1)
 def _sources() -> dict[str, str]:
-    text = resources.files("hf_fastvision").joinpath("data/prequantized.json").read_text()
-    return {v.lower(): k for k, v in json.loads(text).items() if not k.startswith("_")}
+    return {v.lower(): k for k, v in _mapping().items()}
 
 
 def prequantized_twin(model_id: str) -> str | None:
