@@ -28,10 +28,20 @@ import torch.nn as nn
 
 from hf_fastvision.registry import ArchSpec, get_arch, resolve_roots
 
-__all__ = ["PatchOptions", "apply_patches", "unpatch", "unpatched", "patched_modules"]
+__all__ = [
+    "PatchOptions",
+    "apply_patches",
+    "unpatch",
+    "unpatched",
+    "patched_modules",
+    "suspend_patches",
+    "resume_patches",
+    "patches_active",
+]
 
 _ORIGINAL = "_hffv_original_forward"
 _KIND = "_hffv_patch"
+_SUSPENDED = "_hffv_suspended_forward"
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,7 @@ def unpatch(model: nn.Module) -> int:
     """Restore every patched module's original forward; returns how many were restored."""
     restored = 0
     for module in model.modules():
+        module.__dict__.pop(_SUSPENDED, None)
         if _ORIGINAL in module.__dict__:
             original = module.__dict__.pop(_ORIGINAL)
             module.__dict__.pop(_KIND, None)
@@ -193,6 +204,45 @@ def unpatch(model: nn.Module) -> int:
                 module.forward = original
             restored += 1
     return restored
+
+
+def _restore_original(module: nn.Module) -> None:
+    original = module.__dict__[_ORIGINAL]
+    if original is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = original
+
+
+def suspend_patches(model: nn.Module) -> int:
+    """Run the stock forwards until `resume_patches` (what `for_inference` does).
+
+    The kernels are training kernels (their win is the backward and the loss); for generation the stock modules are
+    what `torch.compile` fuses and CUDA-graphs best, and what `generate` is compared against. Returns how many
+    modules were switched; idempotent.
+    """
+    count = 0
+    for module in model.modules():
+        if _ORIGINAL in module.__dict__ and _SUSPENDED not in module.__dict__:
+            module.__dict__[_SUSPENDED] = module.__dict__["forward"]
+            _restore_original(module)
+            count += 1
+    return count
+
+
+def resume_patches(model: nn.Module) -> int:
+    """Bind the kernels suspended by `suspend_patches` again (what `for_training` does); returns how many."""
+    count = 0
+    for module in model.modules():
+        if _SUSPENDED in module.__dict__:
+            module.forward = module.__dict__.pop(_SUSPENDED)
+            count += 1
+    return count
+
+
+def patches_active(model: nn.Module) -> bool:
+    """Whether any patch is bound and not suspended."""
+    return any(_ORIGINAL in m.__dict__ and _SUSPENDED not in m.__dict__ for m in model.modules())
 
 
 def patched_modules(model: nn.Module) -> dict[str, str]:
@@ -206,13 +256,9 @@ def unpatched(model: nn.Module) -> Iterator[nn.Module]:
     transformers); the patches are bound again afterwards."""
     saved = {}
     for module in model.modules():
-        if _ORIGINAL in module.__dict__:
+        if _ORIGINAL in module.__dict__ and _SUSPENDED not in module.__dict__:
             saved[module] = module.__dict__["forward"]
-            original = module.__dict__[_ORIGINAL]
-            if original is None:
-                del module.__dict__["forward"]
-            else:
-                module.forward = original
+            _restore_original(module)
     try:
         yield model
     finally:

@@ -74,3 +74,28 @@ def test_unpatched_context_restores_and_rebinds(tiny_checkpoint):
         assert all("forward" not in m.__dict__ for m in model.modules() if "_hffv_patch" in m.__dict__)
     assert patched_modules(model) == before
     assert all("forward" in m.__dict__ for m in model.modules() if "_hffv_patch" in m.__dict__)
+
+
+def test_for_inference_suspends_and_for_training_resumes(tiny_checkpoint):
+    """Generation runs the stock forwards (what compile graphs and what `generate` is compared with); training
+    gets the kernels back. The suspended state survives `unpatched()` and a second `for_inference`."""
+    from hf_fastvision import FastVisionModel
+    from hf_fastvision.patching import patches_active, unpatched
+
+    model, _processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), load_in_4bit=False,
+                                                        load_in_16bit=True)
+    stock = type(model).forward
+    bound = {n: m.__dict__["forward"] for n, m in model.named_modules() if "_hffv_patch" in m.__dict__}
+    assert bound and patches_active(model)
+    FastVisionModel.for_inference(model)
+    FastVisionModel.for_inference(model)  # idempotent
+    assert not patches_active(model)
+    assert all("forward" not in m.__dict__ for m in model.modules() if "_hffv_patch" in m.__dict__)
+    assert model.forward.__func__ is stock
+    with unpatched(model):  # nothing to swap while suspended, and nothing re-bound on exit
+        pass
+    assert not patches_active(model)
+    FastVisionModel.for_training(model)
+    assert patches_active(model)
+    now = {n: m.__dict__["forward"] for n, m in model.named_modules() if "_hffv_patch" in m.__dict__}
+    assert now == bound

@@ -39,6 +39,7 @@ __all__ = [
     "calculate_settings",
     "num_programs",
     "preferred_half_dtype",
+    "device_guarded",
 ]
 
 
@@ -111,3 +112,31 @@ def preferred_half_dtype(device: torch.device | str | None = None) -> torch.dtyp
         if torch.cuda.get_device_capability(idx)[0] < 8:
             return torch.float16
     return torch.bfloat16
+
+
+class device_guarded:  # noqa: N801 - used like the kernel it wraps
+    """A Triton kernel whose launches run on their tensors' CUDA device.
+
+    Triton launches on the *current* CUDA device and its current stream. When accelerate spreads a model over
+    several GPUs (``device_map="auto"``, ``max_memory``) a layer on ``cuda:1`` is called while ``cuda:0`` is
+    current, and an unguarded launch would run on the wrong device's stream, unsynchronised with the work that
+    produced its inputs. ``device_guarded(kernel)[grid](*args)`` switches to the first CUDA tensor argument's
+    device for the launch (a no-op when it is already current, and for CPU tensors under the interpreter).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    if arg.is_cuda and arg.device.index != torch.cuda.current_device():
+                        with torch.cuda.device(arg.device):
+                            return launch(*args, **kwargs)
+                    break
+            return launch(*args, **kwargs)
+
+        return run

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, next_power_of_2, tl, triton, use_triton
+from ._utils import HAS_TRITON, device_guarded, next_power_of_2, tl, triton, use_triton
 
 __all__ = [
     "FusedLinearCrossEntropyFunction",
@@ -142,7 +142,7 @@ def _ce_chunk_triton(logits, labels, loss_out, ignore_index, softcap, compute_gr
     n_rows, n_cols = logits.shape
     block = min(next_power_of_2(n_cols), _MAX_BLOCK)
     num_warps = 32 if block >= 16384 else (16 if block >= 4096 else (8 if block >= 1024 else 4))
-    _ce_fwd_bwd_kernel[(n_rows,)](
+    device_guarded(_ce_fwd_bwd_kernel)[(n_rows,)](
         logits, logits.stride(0), labels, loss_out, n_cols, ignore_index,
         float(softcap) if softcap else 1.0,
         HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=compute_grad, BLOCK_SIZE=block, num_warps=num_warps,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import tl, triton, use_triton
+from ._utils import device_guarded, tl, triton, use_triton
 
 __all__ = ["GeGLUFunction", "geglu", "geglu_ref"]
 
@@ -70,7 +70,7 @@ class GeGLUFunction(torch.autograd.Function):
         y = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
         n = g.numel()
         if n:
-            _geglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](g, u, y, n, BLOCK_SIZE=_BLOCK_SIZE)
+            device_guarded(_geglu_fwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](g, u, y, n, BLOCK_SIZE=_BLOCK_SIZE)
         ctx.save_for_backward(g, u)
         return y
 
@@ -81,7 +81,7 @@ class GeGLUFunction(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            _geglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+            device_guarded(_geglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
         return dg, du
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import calculate_settings, num_programs, tl, triton, use_triton
+from ._utils import calculate_settings, device_guarded, num_programs, tl, triton, use_triton
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_ref"]
 
@@ -176,7 +176,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, num_warps = calculate_settings(n_cols)
         if n_rows > 0:
-            _rms_norm_fwd_kernel[(n_rows,)](
+            device_guarded(_rms_norm_fwd_kernel)[(n_rows,)](
                 y, y.stride(0), x2, x2.stride(0), weight, rstd, n_cols, float(eps), float(offset),
                 CASTING_LLAMA=(mode == "llama"), BLOCK_SIZE=block, num_warps=num_warps,
             )
@@ -197,7 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
         dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows > 0:
             rows_per_program = triton.cdiv(n_rows, n_prog)
-            _rms_norm_bwd_kernel[(n_prog,)](
+            device_guarded(_rms_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0), dx, dx.stride(0), x2, x2.stride(0), weight, rstd,
                 dw_partial, dw_partial.stride(0), n_rows, n_cols, ctx.offset, rows_per_program,
                 CASTING_LLAMA=(ctx.mode == "llama"), BLOCK_SIZE=ctx.block, num_warps=ctx.num_warps,

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._utils import next_power_of_2, tl, triton, use_triton
+from ._utils import device_guarded, next_power_of_2, tl, triton, use_triton
 
 __all__ = [
     "RoPEFunction",
@@ -195,7 +195,7 @@ def _launch(q, k, cos4, sin4, axis, backward: bool):
     block_kh = next_power_of_2(n_kh)
     elems = max(block_qh, block_kh) * block_d
     num_warps = 4 if elems <= 2048 else 8
-    _rope_kernel[(n_prog,)](
+    device_guarded(_rope_kernel)[(n_prog,)](
         q, *q.stride(),
         k, *k.stride(),
         q_out, *q_out.stride(),

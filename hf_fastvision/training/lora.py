@@ -153,11 +153,13 @@ def _processor(model: Any) -> Any:
 
 
 def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
-    """Train mode, right padding, no KV cache, checkpointing as chosen at load / LoRA set-up."""
+    """Train mode, right padding, no KV cache, checkpointing as chosen at load / LoRA set-up, kernels bound."""
     from hf_fastvision.inference import disable_fast_inference
+    from hf_fastvision.patching import resume_patches
 
     disable_fast_inference(model)
     base = _unwrap(model)
+    resume_patches(base)
     mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
         base, "_hf_fastvision_checkpointing", "unsloth"
     )
@@ -173,8 +175,12 @@ def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
 
 
 def for_inference(model: Any) -> Any:
-    """Eval mode, left padding for batched generation, KV cache on, checkpointing off."""
+    """Eval mode, left padding for batched generation, KV cache on, checkpointing off, stock forwards (the
+    training kernels are suspended until `for_training`: generation compiles and graphs the stock modules)."""
+    from hf_fastvision.patching import suspend_patches
+
     base = _unwrap(model)
+    suspend_patches(base)
     model.eval()
     _set_use_cache(base, True)
     disable_checkpointing(base)
