@@ -37,7 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_qlora as bq  # noqa: E402  (config, checkpoint and batch helpers shared with the training benchmark)
 
 MODEL = "qwen2_5_vl_7b"
-SYSTEMS = ("generate", "fast_generate")
+SYSTEMS = ("generate", "generate_patched", "generate_static", "fast_generate")
+# generate:          transformers' generate, dynamic cache, the stock modules (for_inference suspends our kernels)
+# generate_patched:  the same with our training kernels bound (why for_inference suspends them)
+# generate_static:   transformers' generate with a static cache, eager (isolates what compiling changes)
+# fast_generate:     ours: static cache sized from max_seq_length, decode step compiled (Inductor + CUDA graphs)
 GIB = 1024**3
 
 
@@ -89,13 +93,25 @@ def timed(fn, repeats: int) -> tuple[float, Any]:
 def run_one(model, system: str, batch: dict[str, Any], n: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    gen = model.generate if system == "generate" else model.fast_generate
+    from hf_fastvision.inference import fast_inference_state
+    from hf_fastvision.inference.fast_generate import _supports_max_cache_len
+    from hf_fastvision.patching import resume_patches, suspend_patches
+
+    extra: dict[str, Any] = {}
+    gen = model.fast_generate if system == "fast_generate" else model.generate
+    if system == "generate_static":
+        extra = {"cache_implementation": "static", "disable_compile": True}
+        if _supports_max_cache_len():
+            extra["max_cache_len"] = fast_inference_state(model).max_seq_length
     bsz = int(batch["input_ids"].shape[0])
     row: dict[str, Any] = {"system": system, "batch": bsz, "prompt_tokens": int(batch["input_ids"].shape[1])}
 
     def call(k: int):
         with torch.inference_mode():
-            return gen(**batch, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            return gen(**batch, **extra, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+    if system == "generate_patched":
+        resume_patches(model)
 
     try:
         torch.cuda.empty_cache()
@@ -124,7 +140,20 @@ def run_one(model, system: str, batch: dict[str, Any], n: int, repeats: int) -> 
     except Exception as err:  # noqa: BLE001 - a failure is a result
         row.update(status="error", error=f"{type(err).__name__}: {err}"[:300])
         traceback.print_exc()
+    finally:
+        suspend_patches(model)
     return row
+
+
+def same_prefix(a, b) -> int:
+    """Smallest, over the batch, number of leading generated tokens on which two outputs agree."""
+    import torch
+
+    if a.shape != b.shape:
+        return 0
+    eq = (a == b).all(0) if a.dim() == 1 else (a == b)
+    first_diff = torch.where(~eq, torch.arange(eq.shape[-1]).expand_as(eq), eq.shape[-1]).min(-1).values
+    return int(first_diff.min())
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -133,8 +162,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"transformers {meta['transformers']}; one 448x448 image + {meta['text_tokens']} text tokens per prompt, "
         f"{meta['new_tokens']} new tokens (greedy, forced); static cache max_seq_length={meta['max_seq']}.",
         "",
-        "| system | batch | prefill (s) | decode tok/s | peak GiB | speed-up | same tokens | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | batch | prefill (s) | decode tok/s | peak GiB | speed-up vs generate | same tokens as generate "
+        "| as generate_static | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["batch"]: r for r in rows if r["system"] == "generate" and r.get("status") == "ok"}
     for r in rows:
@@ -144,7 +174,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['system']} | {r['batch']} | {r.get('prefill_s', '')} | {r.get('decode_tok_s', '')} | "
-            f"{r.get('peak_gib', '')} | {speed} | {r.get('same_tokens', '')} | {r.get('status')} |"
+            f"{r.get('peak_gib', '')} | {speed} | {r.get('same_as_generate', '')} | "
+            f"{r.get('same_as_generate_static', '')} | {r.get('status')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -157,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq", type=int, default=640, help="static KV cache length (prompt + new tokens)")
     p.add_argument("--layers", type=int, default=None, help="cut layer counts (quick checks)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--workdir", default="/tmp/bench_generate_model")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--out", default="/tmp/bench_generate")
@@ -183,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in prompts(config, cls, bsz, args.text_tokens).items()}
         if batch["input_ids"].shape[1] + args.new_tokens + 1 > args.max_seq:
             print(f"note: prompt + new tokens exceeds --max-seq {args.max_seq}; the static cache grows to fit")
-        pair = [run_one(model, system, batch, args.new_tokens, args.repeats) for system in SYSTEMS]
-        outs = [r.pop("_out", None) for r in pair]
-        if all(o is not None for o in outs):
-            pair[1]["same_tokens"] = bool(torch.equal(outs[0], outs[1]))
-        for r in pair:
+        group = [run_one(model, system, batch, args.new_tokens, args.repeats) for system in args.systems]
+        outs = {r["system"]: r.pop("_out", None) for r in group}
+        prompt_len = batch["input_ids"].shape[1]
+        for r in group:
+            for ref in ("generate", "generate_static"):
+                if r["system"] != ref and outs.get(ref) is not None and outs.get(r["system"]) is not None:
+                    a, b = outs[ref][:, prompt_len:], outs[r["system"]][:, prompt_len:]
+                    r[f"same_as_{ref}"] = f"{same_prefix(a, b)}/{a.shape[1]}"
             print(json.dumps(r))
-        rows += pair
+        rows += group
     state = fast_inference_state(model)
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -205,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, meta)
     (out / "bench_generate.md").write_text(md)
     keys = ["system", "batch", "prompt_tokens", "new_tokens", "prefill_s", "total_s", "decode_tok_s", "peak_gib",
-            "same_tokens", "status", "error"]
+            "same_as_generate", "same_as_generate_static", "warmup_s", "status", "error"]
     with open(out / "bench_generate.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

@@ -6,10 +6,14 @@ Everything here is transformers' own machinery, switched on per instance:
   ``_prepare_static_cache``, so model-specific layouts such as Mllama's cross-attention layers come out right),
   sized to ``max_seq_length`` where the installed transformers accepts ``max_cache_len`` (5.24) and to the call's
   ``max_length`` otherwise (5.17);
-- on CUDA, ``generate``'s automatic compilation of the decode step with ``CompileConfig(mode="reduce-overhead")``
-  (CUDA graphs).  transformers refuses to auto-compile bitsandbytes models (``hf_quantizer.is_compileable`` is
-  False), so the instance gets a ``_valid_auto_compile_criteria`` that allows it for a static cache on CUDA;
-  on CPU nothing is compiled.
+- on CUDA, ``generate``'s automatic compilation of the decode step (prefill stays eager) with Inductor and CUDA
+  graphs (the ``reduce-overhead`` setting) plus ``emulate_precision_casts``, so fused elementwise code rounds
+  to bf16 where eager does.  transformers refuses to auto-compile bitsandbytes models
+  (``hf_quantizer.is_compileable`` is False) although bitsandbytes' 4-bit matmul is a registered custom op that
+  Dynamo traces, so the instance gets a ``_valid_auto_compile_criteria`` that allows it for a static cache on
+  CUDA; on CPU, or with ``enable_fast_inference(model, compile=False)``, nothing is compiled.  (Dynamo's plain
+  ``"cudagraphs"`` backend would keep eager kernels, but it refuses graphs whose inputs are mutated, and the
+  static KV cache is exactly that.)
 
 A PEFT model generates through ``PeftModel.generate``: LoRA adapters apply unmerged.  Greedy output equals
 ``model.generate(..., do_sample=False)`` token for token.  If a model cannot generate with a static cache the call
@@ -48,7 +52,8 @@ class FastInferenceState:
     max_batch_size: int | None = field(
         default=None, metadata={"help": "Largest batch one call may take (None: unbounded, e.g. on CPU)."}
     )
-    compile: bool = field(default=False, metadata={"help": "Decode step compiled (reduce-overhead) — CUDA only."})
+    compile: bool = field(default=False, metadata={"help": "Decode step compiled (Inductor + CUDA graphs) — CUDA only."})
+    compile_requested: bool = field(default=True, metadata={"help": "enable_fast_inference(compile=...) as given."})
     static_cache: bool = field(default=True, metadata={"help": "False once the model fell back to DynamicCache."})
     fallback_reason: str | None = field(default=None, metadata={"help": "Why the dynamic cache is used, if it is."})
     static_worked: bool = field(default=False, metadata={"help": "A static-cache call has succeeded."})
@@ -116,6 +121,14 @@ def _compile_criteria(self: nn.Module, model_kwargs: dict, generation_config: An
     )
 
 
+def _compile_config() -> Any:
+    """Inductor + CUDA graphs (what ``mode="reduce-overhead"`` sets; torch.compile takes a mode or options, not
+    both), with bf16 rounding of fused intermediates emulated as eager does it."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    return CompileConfig(mode=None, options={"triton.cudagraphs": True, "emulate_precision_casts": True})
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")):
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
@@ -143,9 +156,7 @@ def _fast_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if _supports_max_cache_len():
         static_kwargs.setdefault("max_cache_len", state.max_seq_length)
     if state.compile:
-        from transformers.generation.configuration_utils import CompileConfig
-
-        static_kwargs.setdefault("compile_config", CompileConfig(mode="reduce-overhead"))
+        static_kwargs.setdefault("compile_config", _compile_config())
     else:
         static_kwargs.setdefault("disable_compile", True)
     try:
@@ -171,12 +182,14 @@ def enable_fast_inference(
     max_seq_length: int | None = None,
     gpu_memory_utilization: float | None = None,
     max_batch_size: int | None = None,
+    compile: bool | None = None,
 ) -> nn.Module:
     """Attach ``model.fast_generate(...)`` (same inputs as ``generate``) to this instance; returns the model.
 
     Arguments left out reuse the previous call's (kept across `disable_fast_inference`), else
     ``max_seq_length`` = the one given at load and ``gpu_memory_utilization`` = 0.5.  ``max_seq_length`` sizes the static KV cache; on CUDA the largest batch
     is the one whose cache fits in ``gpu_memory_utilization`` of free memory, or ``max_batch_size`` if smaller.
+    ``compile`` (default: on for CUDA models) compiles the decode step; ``compile=False`` keeps eager kernels.
     Call again after wrapping the model in PEFT to generate through the PeftModel (the base keeps working too:
     LoRA layers live in its modules).  Idempotent.
     """
@@ -192,6 +205,7 @@ def enable_fast_inference(
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if max_batch_size is not None and int(max_batch_size) <= 0:
         raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    want_compile = bool(compile) if compile is not None else getattr(previous, "compile_requested", True)
     limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization))
     if max_batch_size is not None:
         limit = int(max_batch_size) if limit is None else min(limit, int(max_batch_size))
@@ -199,7 +213,8 @@ def enable_fast_inference(
         max_seq_length=int(max_seq_length),
         gpu_memory_utilization=float(gpu_memory_utilization),
         max_batch_size=limit,
-        compile=base.device.type == "cuda",
+        compile_requested=want_compile,
+        compile=base.device.type == "cuda" and want_compile,
     )
     old = getattr(base, _STATE_ATTR, None)
     if old is not None and not old.static_cache:  # a known limitation stays known
