@@ -125,6 +125,12 @@ def _median_tail(times: list[float]) -> float:
     return statistics.median(tail)
 
 
+def _mean_tail(times: list[float]) -> float:
+    """Mean of steps 3..N: total tokens over total time, the throughput a long run sees (steps vary +-20%)."""
+    tail = times[2:] if len(times) >= 3 else times
+    return statistics.fmean(tail)
+
+
 def _write(args, name: str, row: dict[str, Any]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +170,8 @@ def cmd_ddp(args) -> int:
     step_s = _median_tail(times)
     tokens = args.batch * args.seq * info.world_size
     row = {"mode": f"ddp_{info.world_size}gpu", "gpus": info.world_size, "seq": args.seq, "per_gpu_batch": args.batch,
-           "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gib_per_rank": peaks, "losses": losses,
+           "step_s": step_s, "tokens_per_s": tokens / step_s, "step_mean_s": _mean_tail(times),
+           "tokens_per_s_mean": tokens / _mean_tail(times), "peak_gib_per_rank": peaks, "losses": losses,
            "steps_s": times, "device": torch.cuda.get_device_name(info.local_rank)}
     on_main_process(_write, args, row["mode"], row)
     if info.distributed:
@@ -333,25 +340,30 @@ def report(args, status: dict[str, str] | None = None) -> int:
     out = Path(args.out)
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "summary"}
     one = rows.get("ddp_1gpu", {}).get("tokens_per_s")
-    lines = ["| mode | GPUs | step s | tokens/s | scaling eff. | peak GiB per GPU | 4-bit bytes per rank | losses | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    one_mean = rows.get("ddp_1gpu", {}).get("tokens_per_s_mean")
+    lines = ["| mode | GPUs | step s (median) | tokens/s | scaling eff. | eff. from mean step | peak GiB per GPU "
+             "| 4-bit bytes per rank | losses | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     csv_rows = []
     for name in ("ddp_1gpu", "ddp_2gpu", "max_memory", "fsdp_2gpu"):
         r = rows.get(name)
         st = (status or {}).get(name, "ok" if r else "missing")
         if not r:
-            lines.append(f"| {name} | | | | | | | | {st} |")
+            lines.append(f"| {name} | | | | | | | | | {st} |")
             continue
         gpus = r.get("gpus", len(r.get("devices_used", [])))
         eff = r["tokens_per_s"] / (gpus * one) if one and name == "ddp_2gpu" else None
+        eff_mean = (r["tokens_per_s_mean"] / (gpus * one_mean)
+                    if one_mean and name == "ddp_2gpu" and r.get("tokens_per_s_mean") else None)
         peaks = r.get("peak_gib_per_rank") or r.get("peak_gib_per_gpu") or [p["peak_gib_steps"] for p in r.get("per_rank", [])]
         fourbit = [f"{p['four_bit_bytes_unsharded'] / 1e9:.2f}->{p['four_bit_bytes_shard'] / 1e9:.2f} GB" for p in r.get("per_rank", [])]
         losses = r.get("losses", [])
         lines.append(f"| {name} | {gpus} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {f'{eff:.2f}' if eff else ''} | "
+                     f"{f'{eff_mean:.2f}' if eff_mean else ''} | "
                      f"{', '.join(f'{p:.1f}' for p in peaks)} | {', '.join(fourbit)} | "
                      f"{losses[0]:.3f} -> {losses[-1]:.3f} | {st} |")
         csv_rows.append({"mode": name, "gpus": gpus, "step_s": r["step_s"], "tokens_per_s": r["tokens_per_s"],
-                         "scaling_efficiency": eff, "peak_gib": json.dumps(peaks), "four_bit": json.dumps(fourbit),
+                         "scaling_efficiency": eff, "scaling_efficiency_mean": eff_mean, "peak_gib": json.dumps(peaks), "four_bit": json.dumps(fourbit),
                          "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                          "status": st})
     table = "\n".join(lines)
