@@ -8,6 +8,8 @@ path) are left as they are.
 - `rms_norm`: every `*RMSNorm` module under the vision/language roots → the fused RMSNorm kernel (Gemma's
   `x·(1+w)` in fp32 where the spec says "gemma").
 - `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
+- `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
+  in one SDPA call instead of one call per window).
 - `fused_loss`: with `labels`, the top model's forward runs with `logits_to_keep=1` and the loss is computed
   from the final hidden states by the chunked linear + cross-entropy, so full `[tokens, vocab]` logits are never
   materialised. The returned `logits` then hold the last position only.
@@ -54,6 +56,8 @@ class PatchOptions:
     """Fused SwiGLU / GeGLU activation of gated MLPs."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy loss that never materialises the logits."""
+    vision_attention: bool = True
+    """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -62,7 +66,7 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, fused_loss=False)
+            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:
@@ -158,14 +162,18 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     """Bind the spec's kernels onto `model`'s modules; returns how many modules each patch touched."""
     spec = spec or get_arch(model.config)
     opts = PatchOptions.from_value(options)
-    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0}
     if spec.generic or not spec.patches:
         return counts
     roots = resolve_roots(spec, model)
     scope = roots.language + roots.vision
     norm_kind = spec.patches.get("rms_norm")
+    attention = spec.patches.get("vision_attention") if opts.vision_attention else None
     for name, module in model.named_modules():
         if not _under(name, scope):
+            continue
+        if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
+            counts["vision_attention"] += _bind(module, "vision_attention", attention[1])
             continue
         if opts.rms_norm and norm_kind and type(module).__name__.endswith("RMSNorm") and isinstance(
             getattr(module, "weight", None), nn.Parameter

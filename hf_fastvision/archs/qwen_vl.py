@@ -1,7 +1,11 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: `model.visual` (with its `merger`), `model.language_model`, M-RoPE."""
 
 from hf_fastvision.archs import _budget
+from hf_fastvision.archs._vision_attention import grouped_chunk_attention_forward
 from hf_fastvision.registry import ArchSpec, register_arch
+
+# vision attention: chunks (windows / images) of equal length in one SDPA call (see _vision_attention.py)
+_VISION_ATTENTION = ("VisionAttention", grouped_chunk_attention_forward)
 
 _COMMON = dict(
     language_model=("model.language_model",),
@@ -15,7 +19,7 @@ QWEN2_VL = register_arch(
         name="qwen2_vl",
         model_types=("qwen2_vl",),
         projectors=("model.visual.merger",),
-        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu"},
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
         notes="Forward needs mm_token_type_ids with images (the processor makes it).",
         **_COMMON,
     )
@@ -25,7 +29,7 @@ QWEN2_5_VL = register_arch(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
         projectors=("model.visual.merger",),
-        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu"},
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
         **_COMMON,
     )
 )
@@ -34,7 +38,7 @@ QWEN3_VL = register_arch(
         name="qwen3_vl",
         model_types=("qwen3_vl",),
         projectors=("model.visual.merger", "model.visual.deepstack_merger_list"),
-        patches={"rms_norm": "rms", "rope": "mrope_interleaved", "mlp": "swiglu"},
+        patches={"rms_norm": "rms", "rope": "mrope_interleaved", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
         notes="Deepstack mergers feed vision features into early text layers; kept 16-bit with the merger.",
         **_COMMON,
     )
