@@ -39,6 +39,7 @@ __all__ = [
     "suspend_patches",
     "resume_patches",
     "patches_active",
+    "apply_lora_patches",
 ]
 
 _ORIGINAL = "_hffv_original_forward"
@@ -58,6 +59,8 @@ class PatchOptions:
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
     """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
+    lora: bool = True
+    """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -66,7 +69,7 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False)
+            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False, lora=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:
@@ -162,6 +165,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     """Bind the spec's kernels onto `model`'s modules; returns how many modules each patch touched."""
     spec = spec or get_arch(model.config)
     opts = PatchOptions.from_value(options)
+    model.__dict__["_hffv_patch_options"] = opts  # get_peft_model reads the `lora` flag
     counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0}
     if spec.generic or not spec.patches:
         return counts
@@ -196,6 +200,60 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         model.__dict__["_hffv_softcap"] = getattr(text_config, "final_logit_softcapping", None)
         counts["fused_loss"] += _bind(model, "fused_loss", _with_signature_of(type(model).forward, _fused_loss_forward))
     return counts
+
+
+def _lora_fusable(module: nn.Module, x: Any) -> bool:
+    """Whether this peft bnb-4bit LoRA call is the plain case the fused op computes exactly."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
+        return False
+    dropout = module.lora_dropout[name]
+    if module.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) != 0.0:
+        return False
+    if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+        return False
+    base = module.get_base_layer()
+    bias = getattr(base, "bias", None)
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and getattr(base.weight, "quant_state", None) is not None
+        and (bias is None or not bias.requires_grad)
+    )
+
+
+def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    if args or kwargs or not _lora_fusable(self, x):
+        return type(self).forward(self, x, *args, **kwargs)
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit
+
+    name = self.active_adapters[0]
+    base = self.get_base_layer()
+    fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter
+    return lora_linear_4bit(x, base.weight, base.weight.quant_state, self.lora_A[name].weight,
+                            self.lora_B[name].weight, self.scaling[name], base.bias)
+
+
+def apply_lora_patches(model: nn.Module, options: Any = None) -> int:
+    """Bind the fused 4-bit LoRA op onto every peft ``Linear4bit`` LoRA layer; returns how many were bound.
+
+    Options default to the ones the model was loaded with (`patches=` of `from_pretrained`). Calls the fused op
+    cannot compute exactly (several active adapters, dropout while training, DoRA and other variants, merged or
+    disabled adapters, trainable base bias) run peft's own forward.
+    """
+    opts = PatchOptions.from_value(options if options is not None else model.__dict__.get("_hffv_patch_options"))
+    if not opts.lora:
+        return 0
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ == "Linear4bit" and cls.__module__.startswith("peft.") and hasattr(module, "lora_A"):
+            count += _bind(module, "lora", _lora_4bit_forward)
+    return count
 
 
 def unpatch(model: nn.Module) -> int:

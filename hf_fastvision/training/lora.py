@@ -142,6 +142,9 @@ def get_peft_model(
         if "lora_" not in name and param.dtype != dtypes_before.get(original, param.dtype):
             raise RuntimeError(f"{original} changed dtype from {dtypes_before[original]} to {param.dtype}")
     base._hf_fastvision_checkpointing = mode
+    from hf_fastvision.patching import apply_lora_patches
+
+    apply_lora_patches(base)
     if get_load_info(base) is None:
         logger.info("model was not loaded by hf_fastvision; LoRA set up from its config alone")
     for_training(peft_model)

@@ -1,0 +1,94 @@
+"""A bitsandbytes 4-bit linear layer plus its LoRA adapter as one autograd op.
+
+``y = x W^T + b + s (x A^T) B^T`` with ``W`` dequantized from nf4/fp4 on the fly, in forward and again in backward
+(never stored). peft composes this from ~10 autograd nodes per call (the 4-bit matmul, a defensive clone, the two
+LoRA linears with their autocast casts, the scale and the add), and a checkpointed QLoRA step runs each layer's
+forward twice and its backward once: on a 7B model that is tens of thousands of small launches per step, and the
+step is bound by the host issuing them (`scripts/profile_step.py`). This op issues the dequantization, one matmul
+and one fused ``addmm`` for the adapter in forward, and six matmuls in backward.
+
+- ``lora_linear_4bit(x, weight, quant_state, lora_a, lora_b, scaling, bias)``: the fused op;
+- ``lora_linear_4bit_ref(...)``: the same function composed of plain ops (the reference the tests compare with).
+
+Computation runs in the quantization's compute dtype (``quant_state.dtype``, bf16 for our loads); the adapter's
+fp32 weights are cast to it and their gradients come back in fp32. The output has ``x``'s dtype, as bitsandbytes'
+``Linear4bit`` returns. Frozen ``W`` and ``bias`` get no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LoRALinear4bitFunction", "lora_linear_4bit", "lora_linear_4bit_ref", "dequantize"]
+
+
+def dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """The ``[out, in]`` weight of a bitsandbytes ``Params4bit`` in its compute dtype."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data if hasattr(weight, "data") else weight, quant_state).to(quant_state.dtype)
+
+
+def lora_linear_4bit_ref(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):
+    """Plain-op reference: dequantize, linear, LoRA branch, all in the compute dtype."""
+    dtype = quant_state.dtype
+    xc = x.to(dtype)
+    out = torch.nn.functional.linear(xc, dequantize(weight, quant_state), bias.to(dtype) if bias is not None else None)
+    out = out + torch.nn.functional.linear(torch.nn.functional.linear(xc, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
+    return out.to(x.dtype)
+
+
+class LoRALinear4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, lora_a, lora_b, scaling, bias):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit: the quantization's compute dtype
+            return LoRALinear4bitFunction._forward(ctx, x, weight, quant_state, lora_a, lora_b, scaling, bias)
+
+    @staticmethod
+    def _forward(ctx, x, weight, quant_state, lora_a, lora_b, scaling, bias):
+        dtype = quant_state.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        w = dequantize(weight, quant_state)
+        h = x2 @ a.t()  # [tokens, r]
+        if bias is not None:
+            out = torch.addmm(bias.to(dtype), x2, w.t())
+        else:
+            out = x2 @ w.t()
+        del w
+        out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, a, b, weight)
+        ctx.quant_state, ctx.scaling = quant_state, scaling
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return LoRALinear4bitFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x2, h, a, b, weight = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        db = (dy2.t() @ h).mul_(s).to(ctx.b_dtype) if need_b else None  # [out, r]
+        dh = (dy2 @ b).mul_(s)  # [tokens, r]
+        da = (dh.t() @ x2).to(ctx.a_dtype) if need_a else None  # [r, in]
+        dx = None
+        if need_x:
+            w = dequantize(weight, ctx.quant_state)
+            dx = (dy2 @ w).addmm_(dh, a)
+            del w
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return dx, None, None, da, db, None, None
+
+
+def lora_linear_4bit(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):
+    """``x W^T + b + scaling (x A^T) B^T`` for a 4-bit ``W`` (see the module docstring)."""
+    if bias is not None and bias.requires_grad:
+        raise ValueError("lora_linear_4bit keeps the base bias frozen; use the unfused path to train it")
+    return LoRALinear4bitFunction.apply(x, weight, quant_state, lora_a, lora_b, float(scaling), bias)
