@@ -212,7 +212,11 @@ def _lora_fusable(module: nn.Module, x: Any) -> bool:
     dropout = module.lora_dropout[name]
     if module.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) != 0.0:
         return False
-    if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+    lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    # FSDP wraps the LoRA linears as units of their own and gathers their weights only when *their* forward runs
+    # (FSDP1: the module is a wrapper, the weight a view of a freed flat parameter; FSDP2: a DTensor), so sharded
+    # layers keep peft's path, which calls them.
+    if not (type(lora_a) is nn.Linear and type(lora_b) is nn.Linear) or lora_a.bias is not None or lora_b.bias is not None:
         return False
     base = module.get_base_layer()
     bias = getattr(base, "bias", None)
@@ -221,7 +225,12 @@ def _lora_fusable(module: nn.Module, x: Any) -> bool:
         and x.is_floating_point()
         and getattr(base.weight, "quant_state", None) is not None
         and (bias is None or not bias.requires_grad)
+        and all(_materialised(w) for w in (lora_a.weight, lora_b.weight, base.weight))
     )
+
+
+def _materialised(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ != "DTensor" and weight.untyped_storage().size() > 0
 
 
 def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
