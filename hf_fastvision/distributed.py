@@ -29,6 +29,7 @@ __all__ = [
     "on_main_process",
     "main_process_only",
     "save_on_main",
+    "gather_full_state_dict",
     "fsdp_requested",
     "check_fsdp_qlora",
 ]
@@ -100,14 +101,44 @@ def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
+def _is_fsdp(model: Any) -> bool:
+    return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def gather_full_state_dict(fsdp_model: Any) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of an FSDP (FSDP1) model, gathered unit by unit to CPU: on rank 0; None elsewhere.
+
+    A collective: every rank must call it. Keys are the wrapped model's own (no FSDP prefixes).
+    """
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT, config):
+        state = fsdp_model.state_dict()
+    return state if is_main_process() else None
+
+
 def save_on_main(save_fn: Callable[..., T], model: Any, *args: Any, **kwargs: Any) -> T | None:
     """Run one of `hf_fastvision.training.saving`'s functions (or `model.save_pretrained`-like callable) on rank 0.
 
-    A `DistributedDataParallel` / FSDP wrapper is unwrapped first (`.module`), so the folder holds the plain
-    model's files. Merged saves gather nothing: under FSDP save the adapter (`save_adapter`) from a full state dict
-    instead.
+    A `DistributedDataParallel` wrapper is unwrapped first (`.module`), so the folder holds the plain model's
+    files. Under FSDP every rank takes part in gathering the full state dict first (`gather_full_state_dict`), then
+    rank 0 writes the adapter from it; only `save_adapter` is supported there (a merged save needs the whole model
+    on one process: save the adapter, then merge it in a single process with `save_merged_16bit`).
     """
-    inner = getattr(model, "module", model) if type(model).__name__ in {"DistributedDataParallel", "FullyShardedDataParallel"} else model
+    if _is_fsdp(model):
+        from hf_fastvision.training.saving import save_adapter
+
+        if save_fn is not save_adapter:
+            raise ConflictingOptionsError(
+                ["FSDP", f"save_on_main({getattr(save_fn, '__name__', save_fn)})"],
+                "only save_adapter can write from a sharded model. Save the adapter, then merge it in one process "
+                "(hf_fastvision.training.saving.save_merged_16bit on the base model with the adapter loaded).",
+            )
+        state = gather_full_state_dict(model)
+        return on_main_process(save_fn, model.module, *args, state_dict=state, **kwargs)
+    inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
     return on_main_process(save_fn, inner, *args, **kwargs)
 
 

@@ -139,13 +139,50 @@ def save_merged_4bit(model: Any, folder: str | os.PathLike[str], processor: Any 
     return target
 
 
-def save_adapter(model: Any, folder: str | os.PathLike[str], processor: Any = None) -> Path:
-    """peft's adapter format (adapter_config.json + adapter_model.safetensors), written atomically."""
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _write_adapter_from_state(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    """peft's adapter files from a full state dict, selecting keys by name.
+
+    peft's own `save_pretrained(state_dict=...)` picks entries by walking the model's modules, whose names under
+    FSDP carry `_fsdp_wrapped_module` segments that the gathered state dict does not, so it would find nothing.
+    """
+    from safetensors.torch import save_file
+
+    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+    picked = {}
+    for key, value in state_dict.items():
+        for part in _ADAPTER_PARTS:
+            marker = f".{part}.{name}"
+            if marker + "." in key or key.endswith(marker):
+                out_key = key.replace(marker, f".{part}", 1)
+                if part == "lora_magnitude_vector":  # peft stores DoRA's magnitude without the ".weight" suffix
+                    out_key = out_key.removesuffix(".weight")
+                picked[out_key] = value.detach().to("cpu").contiguous()
+                break
+    if not picked:
+        raise ValueError(f"no weights of adapter {name!r} in the state dict ({len(state_dict)} keys)")
+    save_file(picked, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(str(folder))
+
+
+def save_adapter(
+    model: Any, folder: str | os.PathLike[str], processor: Any = None, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """peft's adapter format (adapter_config.json + adapter_model.safetensors), written atomically.
+
+    ``state_dict``: the model's full state dict when the live parameters are not the whole tensors (FSDP:
+    `hf_fastvision.distributed.save_on_main` gathers it and passes it here).
+    """
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter needs a model with LoRA adapters (FastVisionModel.get_peft_model).")
     target, tmp = _atomic_dir(folder)
     try:
-        model.save_pretrained(tmp)
+        if state_dict is not None:
+            _write_adapter_from_state(model, state_dict, tmp)
+        else:
+            model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         _publish(tmp, target)

@@ -210,6 +210,16 @@ def _fsdp_worker(folder: str, out: str) -> None:
     loss = wrapped(**parts[rank], num_items_in_batch=n_items).loss
     loss.backward()
     (Path(out) / f"fsdp_rank{rank}.json").write_text(json.dumps({"full": full_bytes, "local": local_bytes, "loss": float(loss)}))
+    from hf_fastvision.distributed import save_on_main
+    from hf_fastvision.training.saving import save_adapter, save_merged_16bit
+
+    save_on_main(save_adapter, wrapped, Path(out) / "fsdp_adapter")  # all ranks gather, rank 0 writes
+    try:
+        save_on_main(save_merged_16bit, wrapped, Path(out) / "never")
+    except ValueError as err:
+        assert "save_adapter" in str(err)
+    else:
+        raise AssertionError("a merged save from a sharded model must be refused")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -247,6 +257,19 @@ def test_fsdp_full_shard_qlora_on_gloo(tiny_checkpoint, tmp_path):
     assert all(r["local"] < 0.6 * full for r in reports)
     assert full <= sum(r["local"] for r in reports) <= full * 1.01  # + FSDP's padding to equal shards
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
+    # the adapter rank 0 wrote from the gathered shards equals the unsharded model's LoRA weights (no step taken)
+    from safetensors.torch import load_file
+
+    from hf_fastvision import FastVisionModel
+
+    saved = load_file(tmp_path / "fsdp_adapter" / "adapter_model.safetensors")
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint(NAME)), max_seq_length=256, quant_storage="float32")
+    model = FastVisionModel.get_peft_model(model, r=4, lora_dropout=0.0, use_gradient_checkpointing="unsloth")
+    expected = {n.replace(".default", ""): p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert saved.keys() == expected.keys() and saved
+    for n, t in saved.items():
+        torch.testing.assert_close(t.float(), expected[n].float(), msg=n)
+    assert not (tmp_path / "never").exists()
 
 
 if __name__ == "__main__":  # a worker, started by the tests above
