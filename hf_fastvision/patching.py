@@ -40,6 +40,7 @@ __all__ = [
     "resume_patches",
     "patches_active",
     "apply_lora_patches",
+    "original_forward",
 ]
 
 _ORIGINAL = "_hffv_original_forward"
@@ -76,6 +77,12 @@ class PatchOptions:
                 raise ValueError(f"Unknown patch names {sorted(unknown)}; valid: {sorted(asdict(cls()))}")
             return cls(**value)
         raise TypeError(f"patches must be a bool, a dict of flags or PatchOptions, got {type(value).__name__}")
+
+
+def original_forward(module: nn.Module) -> Any:
+    """The forward a patched module had before `_bind` (its instance override, else its class's), bound."""
+    original = module.__dict__.get(_ORIGINAL)
+    return original if original is not None else type(module).forward.__get__(module)
 
 
 def _bind(module: nn.Module, kind: str, forward: Any) -> bool:
@@ -116,7 +123,7 @@ def _under(name: str, roots: tuple[str, ...]) -> bool:
 
 
 def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
-    original = self.__dict__[_ORIGINAL] or type(self).forward.__get__(self)
+    original = original_forward(self)
     if labels is None:
         return original(*args, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -223,7 +230,7 @@ def _lora_fusable(module: nn.Module, x: Any) -> bool:
     return (
         isinstance(x, torch.Tensor)
         and x.is_floating_point()
-        and getattr(base.weight, "quant_state", None) is not None
+        and (getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)) is not None
         and (bias is None or not bias.requires_grad)
         and all(_materialised(w) for w in (lora_a.weight, lora_b.weight, base.weight))
     )
@@ -235,14 +242,14 @@ def _materialised(weight: torch.Tensor) -> bool:
 
 def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     if args or kwargs or not _lora_fusable(self, x):
-        return type(self).forward(self, x, *args, **kwargs)
+        return original_forward(self)(x, *args, **kwargs)
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit
 
     name = self.active_adapters[0]
     base = self.get_base_layer()
-    fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter
+    fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter; the module keeps it
     return lora_linear_4bit(x, base.weight, base.weight.quant_state, self.lora_A[name].weight,
                             self.lora_B[name].weight, self.scaling[name], base.bias)
 

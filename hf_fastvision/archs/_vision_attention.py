@@ -23,11 +23,6 @@ from torch import nn
 __all__ = ["grouped_chunk_attention_forward"]
 
 
-def _stock_forward(module: nn.Module):
-    original = module.__dict__.get("_hffv_original_forward")
-    return original if original is not None else type(module).forward.__get__(module)
-
-
 def grouped_chunk_attention_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -38,8 +33,10 @@ def grouped_chunk_attention_forward(
 ) -> torch.Tensor:
     """Drop-in ``forward`` for ``Qwen*VisionAttention`` (same arguments, same result)."""
     if self.config._attn_implementation != "sdpa" or position_embeddings is None:
-        return _stock_forward(self)(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
-                                    max_seqlen=max_seqlen, **kwargs)
+        from hf_fastvision.patching import original_forward
+
+        return original_forward(self)(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                      max_seqlen=max_seqlen, **kwargs)
     rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     seq = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)

@@ -26,7 +26,7 @@ def dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
     """The ``[out, in]`` weight of a bitsandbytes ``Params4bit`` in its compute dtype."""
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data if hasattr(weight, "data") else weight, quant_state).to(quant_state.dtype)
+    return bnbf.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
 
 
 def lora_linear_4bit_ref(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):

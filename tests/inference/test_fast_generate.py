@@ -113,6 +113,11 @@ def test_enable_disable_and_limits(tiny_checkpoint):
     assert not hasattr(model, "fast_generate") and fast_inference_state(model) is None
     assert "_valid_auto_compile_criteria" not in model.__dict__
     disable_fast_inference(model)  # safe twice
+    enable_fast_inference(model, compile=False)  # remembered like the other settings
+    disable_fast_inference(model)
+    enable_fast_inference(model)
+    state = fast_inference_state(model)
+    assert not state.compile_requested and not state.compile and state.max_seq_length == MAX_SEQ
 
 
 def test_vllm_backend_is_optional_and_lazy():
