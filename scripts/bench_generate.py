@@ -2,17 +2,18 @@
 """Generation speed: transformers' `generate` vs our `fast_generate` (static KV cache + CUDA graphs), same run.
 
 GPU only (not run on the CPU machines).  A random-weight Qwen2.5-VL-7B (the real config from bench_qlora.py) is
-saved once, loaded in 4-bit through `FastVisionModel` (nf4 + double quant, bf16 compute), and both systems
-generate from the same model instance and the same prompts: one 448x448 image (256 image tokens) + 32 text tokens
-per prompt, greedy, exactly N new tokens (`min_new_tokens` forces them, random weights or not).
+saved once and loaded in 4-bit through `FastVisionModel` (nf4 + double quant, bf16 compute). Every system (see
+SYSTEMS below) generates from the same model instance and the same prompts: one 448x448 image (256 image tokens) +
+32 text tokens per prompt, greedy, exactly N new tokens (`min_new_tokens` forces them, random weights or not).
 
     python scripts/bench_generate.py --batches 1 8 --new-tokens 256 --out /tmp/bench_gen
     python scripts/bench_generate.py --layers 2 --batches 1 2 --new-tokens 16 --out /tmp/bench_gen  # quick check
 
 Per (system, batch): prefill = time for 1 new token; decode tokens/s = batch * N / (time for N+1 new tokens -
 time for 1); peak memory = `torch.cuda.max_memory_allocated` over those calls (model weights included).  Times
-are medians of `--repeats` after warm-up calls of the same shapes (fast_generate compiles its decode step with
-mode="reduce-overhead" on the first calls).  Outputs are checked equal (greedy).  An OOM is a result.
+are medians of `--repeats` after warm-up calls, the last of full length (fast_generate compiles its decode step,
+Inductor + CUDA graphs, on the first calls).  Each output's matching token prefix against `generate` and the
+eager static-cache `generate` is reported.  An OOM is a result.
 Writes `<out>/bench_generate.md` and `<out>/bench_generate.csv`.
 
 On the GPU machine (which cannot download anything) begin with
