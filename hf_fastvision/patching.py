@@ -62,6 +62,8 @@ class PatchOptions:
     """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
     lora: bool = True
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
+    cuda_graphs: bool = True
+    """With offloaded checkpointing on CUDA, each layer's forward and backward replayed as CUDA graphs."""
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -70,7 +72,8 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False, lora=False)
+            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False, lora=False,
+                       cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:

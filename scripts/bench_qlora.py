@@ -539,16 +539,17 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
-COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s", "peak_gib", "first_step_s",
+COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s", "peak_gib", "peak_reserved_gib",
+           "first_step_s",
            "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "n_4bit", "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
            "losses", "autocast", "error", "worker_wall_s"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | seq | system | step (s) | tokens/s | peak GiB | first step (s) | load (s) | "
+    head = ("| model | seq | system | step (s) | tokens/s | peak GiB | reserved GiB | first step (s) | load (s) | "
             "4-bit / 16-bit linears, LoRA | grad norm s1, s2; nonzero grads s2 | losses | status |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         ok = r.get("status") == "ok" or r.get("step_s") is not None
         status = r.get("status", "?")
@@ -564,6 +565,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r.get('model', '')} | {seq} | {r['system']} | {_fmt(r.get('step_s')) if ok else '-'} | "
             f"{_fmt(r.get('tokens_per_s'), 0) if ok else '-'} | {_fmt(r.get('peak_gib'), 2) if ok else '-'} | "
+            f"{_fmt(r.get('peak_reserved_gib'), 2) if ok else '-'} | "
             f"{_fmt(r.get('first_step_s'), 1) if ok else '-'} | {_fmt(r.get('load_s'), 1) if r.get('load_s') is not None else '-'} | "
             f"{linears} | {grads} | {losses} | {status} |"
         )
@@ -725,6 +727,16 @@ def _count_modules(model) -> dict[str, int]:
     return {"n_4bit": n4, "n_16bit": n16, "n_lora": nlora, "trainable_params": trainable}
 
 
+def _graph_stats(model) -> dict[str, int] | None:
+    from hf_fastvision.training.checkpointing import _STATE_ATTR
+
+    for m in model.modules():
+        state = m.__dict__.get(_STATE_ATTR)
+        if state is not None and state.manager.graphs is not None:
+            return dict(state.manager.graphs.stats)
+    return None
+
+
 def _load_ours(folder: str, args, device: str):
     import torch
 
@@ -779,7 +791,7 @@ def _load_unsloth(folder: str, args, device: str):
 
     model, _tok = FastVisionModel.from_pretrained(
         folder, max_seq_length=args.max_seq, load_in_4bit=True, use_gradient_checkpointing="unsloth",
-        dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")),
+        dtype=torch.bfloat16,
     )
     model = FastVisionModel.get_peft_model(
         model, finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
@@ -875,6 +887,7 @@ def worker_main(args) -> int:
                      error=f"load: {type(exc).__name__}: {_short(exc, 400)}")
         return 0
     load_peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    load_reserved = torch.cuda.max_memory_reserved() / GIB if cuda else None
     after_load = torch.cuda.memory_allocated() / GIB if cuda else None
     counts = _count_modules(model)
     res.extra.update({"load_s": round(load_s, 2), "load_peak_gib": load_peak, "after_load_gib": after_load,
@@ -941,6 +954,7 @@ def worker_main(args) -> int:
 
         gc.collect()  # drop what a failed step left behind before the next seq
         steps_peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+        steps_reserved = torch.cuda.max_memory_reserved() / GIB if cuda else None
         tail = times[2:] if len(times) >= 3 else times[1:] if len(times) >= 2 else times
         median_of = (f"steps 3..{len(times)}" if len(times) >= 3 else f"steps 2..{len(times)}" if len(times) == 2
                      else "step 1" if times else "none")
@@ -949,11 +963,16 @@ def worker_main(args) -> int:
             "seq": seq, "status": status, "error": err,
             "step_s": step_s, "tokens_per_s": (args.batch * seq / step_s) if step_s else None,
             "peak_gib": max(load_peak, steps_peak) if cuda else None, "steps_peak_gib": steps_peak,
+            # CUDA graphs' private pools are reserved, not allocated, while they replay: compare this column too
+            "peak_reserved_gib": max(load_reserved, steps_reserved) if cuda else None,
             "first_step_s": times[0] if times else None,
             "time_to_first_step_s": (load_s + times[0]) if times else None,
             "median_of": median_of, "steps_s": times, "losses": losses,
             "grad_norm": grad_norm, "nonzero_grads": nonzero, "n_trainable_tensors": len(trainable),
         }
+        if system == "ours":
+            row["graphs"] = _graph_stats(model)
+            print(f"[ours] seq {seq} CUDA graphs: {row['graphs']}", flush=True)
         res.add(row)
         del batch, opt
         if cuda:

@@ -43,7 +43,9 @@ def grouped_chunk_attention_forward(
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)  # [seq, heads, head_dim]
     heads, head_dim = q.shape[1], q.shape[2]
-    bounds = cu_seqlens.tolist()  # one host sync, as the stock forward's lengths.tolist()
+    from hf_fastvision.training.cuda_graphs import host_values
+
+    bounds = host_values(cu_seqlens)  # one host sync per step (cached per tensor), none inside a CUDA graph
     if bounds[0] != 0 or bounds[-1] != seq:
         raise ValueError(f"cu_seqlens must run from 0 to {seq}, got {bounds[0]}..{bounds[-1]}")
     groups: dict[int, list[int]] = {}
@@ -64,7 +66,22 @@ def grouped_chunk_attention_forward(
     else:
         out = q.new_zeros(seq, heads, head_dim)
         for length, starts in groups.items():
-            idx = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(q.device)
+            idx = _chunk_index(length, tuple(starts), q.device)
             part = attend(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx), len(starts), length)
             out = out.index_copy(0, idx, part.to(out.dtype))
     return self.proj(out.reshape(seq, -1))
+
+
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _chunk_index(length: int, starts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Token indices of the chunks starting at `starts`, cached on the device (built before any graph capture)."""
+    key = (length, starts, device)
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        idx = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(device)
+        _INDEX_CACHE[key] = idx
+    return idx

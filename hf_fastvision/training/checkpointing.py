@@ -163,6 +163,7 @@ class _Manager:
     def __init__(self) -> None:
         self.last: weakref.ReferenceType[_Box] | None = None
         self.stats: dict[str, int] = {}
+        self.graphs: Any = None  # cuda_graphs.GraphedLayers when offloaded layers are CUDA-graphed
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -179,6 +180,7 @@ class _Manager:
     def __deepcopy__(self, memo):  # a copied model gets its own, empty chain
         new = _Manager()
         new.stats = dict(self.stats)
+        new.graphs = copy.deepcopy(self.graphs, memo)
         return new
 
 
@@ -423,6 +425,10 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         return _torch_checkpoint(run, anchor, *args, use_reentrant=False)
 
     offload = hidden.is_cuda and torch.cuda.is_available()
+    if manager.graphs is not None:
+        out = manager.graphs.run(self, inner, hidden, as_kwarg, args, kwargs, lambda h: _Box(h, manager, offload))
+        if out is not NotImplemented:
+            return out
     box = _Box(hidden, manager, offload)
     del hidden
     run = functools.partial(_run_offloaded, inner, box, kwargs, as_kwarg)
@@ -443,7 +449,7 @@ def _existing_manager(layers: list[nn.Module]) -> _Manager | None:
     return None
 
 
-def enable_checkpointing(model: nn.Module, mode: Any = "unsloth") -> int:
+def enable_checkpointing(model: nn.Module, mode: Any = "unsloth", cuda_graphs: Any = None) -> int:
     """Checkpoint every decoder layer of ``model`` (any transformers model, PEFT-wrapped or not).
 
     Args:
@@ -452,6 +458,9 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth") -> int:
         mode: ``"unsloth"`` (checkpoint + offload layer inputs to pinned CPU memory on a side stream),
             ``True`` (plain non-reentrant checkpointing) or ``False`` (off, same as
             :func:`disable_checkpointing`).
+        cuda_graphs: in offload mode on CUDA, replay each layer's forward and backward as CUDA graphs
+            (`cuda_graphs.py`): ``True``, ``False``, ``"emulate"`` (the same plumbing without CUDA, for tests) or
+            ``None`` (the ``cuda_graphs`` patch flag the model was loaded with; off for other models).
 
     Returns:
         The number of layers now managed (0 when ``mode`` is off).
@@ -472,6 +481,7 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth") -> int:
         _warn_once("enable_checkpointing('unsloth'): CUDA is not available, layer inputs are not offloaded "
                    "(plain checkpointing).")
     manager = _existing_manager(layers) or _Manager()
+    manager.graphs = _graphs_for(model, normalized, cuda_graphs, manager.graphs)
     for layer in layers:
         state = layer.__dict__.get(_STATE_ATTR)
         if state is None:
@@ -494,6 +504,25 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth") -> int:
         # transformers' own checkpointing off for this layer: ours does it (both 5.17 and 5.24 honour the flag).
         layer.gradient_checkpointing = False
     return len(layers)
+
+
+def _graphs_for(model: nn.Module, mode: str, cuda_graphs: Any, current: Any) -> Any:
+    from hf_fastvision.training.cuda_graphs import GraphedLayers, graphs_supported
+
+    if cuda_graphs is None:
+        options = model.__dict__.get("_hffv_patch_options")
+        if options is None:
+            base = getattr(model, "get_base_model", None)
+            options = base().__dict__.get("_hffv_patch_options") if callable(base) else None
+        cuda_graphs = bool(getattr(options, "cuda_graphs", False))
+    if mode != _OFFLOAD or not cuda_graphs:
+        return None
+    emulate = cuda_graphs == "emulate"
+    if not emulate and not graphs_supported():
+        return None
+    if isinstance(current, GraphedLayers) and current.emulate == emulate:
+        return current  # keep the graphs already captured
+    return GraphedLayers(emulate=emulate)
 
 
 def _wraps_ours(forward: Any, layer: nn.Module) -> bool:

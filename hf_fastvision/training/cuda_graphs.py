@@ -1,0 +1,466 @@
+"""CUDA-graphed checkpointed layers: one graph replay per layer in forward, one in backward.
+
+Why: a QLoRA step of a 7B vision-language model at 2048 tokens keeps the GPU busy for ~0.29 s but takes ~0.86 s
+on an H200, because the host cannot issue the ~16,000 small kernels (per-layer norms, rotary, 4-bit
+dequantization, LoRA matmuls, their backward and the checkpoint recompute) as fast as the GPU runs them
+(`scripts/profile_step.py`). Checkpointed layers are the natural unit to graph: in forward a checkpointed layer
+runs without autograd (input -> output), in backward it recomputes its forward and back-propagates
+(input, grad of output -> grad of input and of its LoRA weights). Both are pure functions of tensors with
+fixed shapes, so each is captured once as a CUDA graph and replayed: the host then issues one launch per layer
+and direction instead of hundreds.
+
+How (used by `checkpointing.py` in offload mode, ``patches={"cuda_graphs": ...}``):
+
+- A layer call is keyed by everything the graph bakes in: shapes, dtypes, devices and ``requires_grad`` of its
+  tensor arguments, non-tensor argument values, the values of small 1-D integer tensors (``cu_seqlens``: the
+  host reads them to schedule attention), autocast state and the addresses of the layer's parameters. The
+  first call with a key runs eagerly (warming kernel and plan caches); the second captures both graphs; later
+  calls replay. Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
+  parameters on several devices or sharded) makes the capture fail or be refused and that key runs eagerly
+  from then on, with one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
+- All graphs of a model share one memory pool and static input buffers: layers run one after another and every
+  graph's outputs are copied out right after its replay, so their temporaries may overlap.
+- The layer input is offloaded to pinned host memory exactly as in the eager offload mode (`_Box`).
+- Exactness: the replayed kernels are the eager kernels on the same inputs; autocast runs without its weight
+  cache inside graphs, so the graphs always read the current (optimizer-updated) weights.
+
+Tests run the same code on CPU with an emulated graph (re-executes the captured function into the static
+outputs), so the plumbing (keys, static buffers, gradients, fallbacks) is checked without CUDA; the real
+capture is checked on the GPU machine (`tests/gpu/test_cuda_graphs.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GraphedLayers", "host_values", "graphs_supported"]
+
+logger = logging.getLogger(__name__)
+
+_UNSUPPORTED = object()
+_MAX_HOST_INTS = 4096  # 1-D int tensors up to this size are treated as host-known metadata (cu_seqlens)
+
+# Tensors whose values the host may read while a graph is being captured (the static cu_seqlens buffers).
+_HOST_KNOWN: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
+# id -> (weak reference, version, values): tensors compare elementwise, so they cannot key a WeakKeyDictionary.
+_HOST_CACHE: dict[int, tuple[Any, int, tuple[int, ...]]] = {}
+
+
+def host_values(tensor: torch.Tensor) -> list[int]:
+    """``tensor.tolist()``, but served from the host copy while a graph that reads it is captured or warmed up.
+
+    Layer code that needs integer metadata on the host (e.g. attention chunk bounds) calls this instead of
+    ``tolist()`` so the layer can be CUDA-graphed; outside graphs it is ``tolist()`` with a per-tensor cache.
+    """
+    known = _HOST_KNOWN.get(id(tensor))
+    if known is not None and known[0] is tensor:
+        return list(known[1])
+    return list(_cached_host(tensor))
+
+
+def _cached_host(tensor: torch.Tensor) -> tuple[int, ...]:
+    hit = _HOST_CACHE.get(id(tensor))
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+        return hit[2]
+    values = tuple(int(v) for v in tensor.reshape(-1).tolist())
+    if len(_HOST_CACHE) > 1024:
+        _HOST_CACHE.clear()
+    _HOST_CACHE[id(tensor)] = (weakref.ref(tensor), tensor._version, values)
+    return values
+
+
+def graphs_supported() -> bool:
+    return torch.cuda.is_available() and os.environ.get("HF_FASTVISION_DISABLE_CUDA_GRAPHS", "") in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flattening a layer call: tensors become static-buffer slots, everything else goes into the key.
+# --------------------------------------------------------------------------------------------------------
+def _leaf_key(value: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        meta = (value.shape, value.dtype, value.device, value.requires_grad)
+        if not value.is_floating_point() and value.dim() <= 1 and value.numel() <= _MAX_HOST_INTS:
+            return ("host", meta, _cached_host(value))
+        return ("t", meta, value.stride())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("v", type(value).__name__, value)
+    if isinstance(value, torch.dtype):
+        return ("v", "dtype", str(value))
+    if isinstance(value, (tuple, list)):
+        items = tuple(_leaf_key(v, tensors) for v in value)
+        return _UNSUPPORTED if _UNSUPPORTED in items else ("s", type(value).__name__, items)
+    return _UNSUPPORTED
+
+
+def _rebuild(value: Any, tensors: list[torch.Tensor], pos: list[int]) -> Any:
+    if isinstance(value, torch.Tensor):
+        t = tensors[pos[0]]
+        pos[0] += 1
+        return t
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rebuild(v, tensors, pos) for v in value)
+    return value
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]] | None:
+    tensors: list[torch.Tensor] = []
+    key = (
+        tuple(_leaf_key(a, tensors) for a in args),
+        tuple((k, _leaf_key(kwargs[k], tensors)) for k in sorted(kwargs)),
+    )
+    if any(item is _UNSUPPORTED for item in key[0]) or any(item is _UNSUPPORTED for _, item in key[1]):
+        return None
+    return key, tensors
+
+
+# --------------------------------------------------------------------------------------------------------
+# Graph backends: CUDA graphs, and an emulation for CPU tests.
+# --------------------------------------------------------------------------------------------------------
+def _copy_into(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+class _CudaGraph:
+    """One captured function; outputs live in the shared pool and are valid until its next replay."""
+
+    def __init__(self, device: torch.device, pool: Any, stream: torch.cuda.Stream) -> None:
+        self.device, self.pool, self.stream = device, pool, stream
+        self.graph = torch.cuda.CUDAGraph()
+        self.outputs: Any = None
+
+    def capture(self, fn: Callable[[], Any]) -> None:
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            fn()  # warm-up on the capture stream (per-stream cuBLAS workspace, lazy inits) outside the capture
+            self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                self.outputs = fn()
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(self.stream)
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.outputs
+
+
+class _EmulatedGraph:
+    """CPU stand-in with a graph's contract: replay recomputes from the static inputs into the same outputs."""
+
+    def __init__(self, *_: Any) -> None:
+        self.fn: Callable[[], Any] | None = None
+        self.outputs: Any = None
+
+    def capture(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.outputs = fn()
+
+    def replay(self) -> Any:
+        _copy_into(self.outputs, self.fn())
+        return self.outputs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-layer entries and the autograd function that replays them
+# --------------------------------------------------------------------------------------------------------
+class _Entry:
+    __slots__ = ("fwd", "bwd", "static", "n_extra", "diff_extra", "params", "hidden_grad", "host_known")
+
+    def __init__(self) -> None:
+        self.fwd: Any = None
+        self.bwd: Any = None
+        self.static: list[torch.Tensor] = []  # [hidden, *extras, grad_out]
+        self.n_extra = 0
+        self.diff_extra: list[int] = []  # indices into extras that need a gradient
+        self.params: list[torch.Tensor] = []
+        self.hidden_grad = False
+        self.host_known: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+
+    def load(self, hidden: torch.Tensor, extras: list[torch.Tensor], grad_out: torch.Tensor | None = None) -> None:
+        static = self.static
+        static[0].copy_(hidden)
+        _forget(static[0])
+        for buf, t in zip(static[1 : 1 + self.n_extra], extras):
+            _load_buffer(buf, t)
+        if grad_out is not None:
+            static[-1].copy_(grad_out)
+            _forget(static[-1])
+
+
+# Which tensor (and version) a static buffer last received: extras such as rotary cos/sin are the same tensors for
+# every layer of a step, so they are copied once per step instead of once per layer.
+_BUFFER_SOURCE: dict[int, tuple[Any, int]] = {}
+
+
+def _load_buffer(buf: torch.Tensor, src: torch.Tensor) -> None:
+    last = _BUFFER_SOURCE.get(id(buf))
+    if last is not None and last[0]() is src and last[1] == src._version:
+        return
+    buf.copy_(src)
+    try:
+        _BUFFER_SOURCE[id(buf)] = (weakref.ref(src), src._version)
+    except TypeError:  # pragma: no cover
+        _BUFFER_SOURCE.pop(id(buf), None)
+
+
+def _forget(buf: torch.Tensor) -> None:
+    _BUFFER_SOURCE.pop(id(buf), None)
+
+
+class _GraphedLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: _Entry, box: Any, n_extra: int, hidden: torch.Tensor, *rest: torch.Tensor):
+        extras = list(rest[:n_extra])
+        entry.load(hidden, extras)
+        out = entry.fwd.replay().clone()
+        ctx.entry, ctx.box, ctx.extras = entry, box, extras
+        ctx.n_inputs = 1 + len(rest)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        entry: _Entry = ctx.entry
+        box = ctx.box
+        hidden = box.fetch()
+        prev = box.prev() if box.prev is not None else None
+        if prev is not None:
+            prev.prefetch()
+        entry.load(hidden, ctx.extras, grad_out.to(entry.static[-1].dtype))
+        grads = entry.bwd.replay()
+        copies = [g.clone() if g is not None else None for g in grads]
+        pos = 0
+        grad_hidden = None
+        if entry.hidden_grad:
+            grad_hidden, pos = copies[0], 1
+        grad_extras: list[torch.Tensor | None] = [None] * entry.n_extra
+        for i in entry.diff_extra:
+            grad_extras[i], pos = copies[pos], pos + 1
+        grad_params = copies[pos:]
+        ctx.entry = ctx.box = ctx.extras = None
+        return (None, None, None, grad_hidden, *grad_extras, *grad_params)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cache of one model (shared by its layers)
+# --------------------------------------------------------------------------------------------------------
+class GraphedLayers:
+    """CUDA graphs for the checkpointed layers of one model (see the module docstring)."""
+
+    def __init__(self, max_keys: int = 4, emulate: bool = False) -> None:
+        self.max_keys = max_keys
+        self.emulate = emulate
+        self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0}
+        self._pools: dict[torch.device, Any] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._layers: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+    def __deepcopy__(self, memo):  # a copied model gets its own, empty cache
+        return GraphedLayers(self.max_keys, self.emulate)
+
+    # ---- public ----
+    def run(
+        self,
+        layer: nn.Module,
+        inner: Callable[..., Any],
+        hidden: torch.Tensor,
+        as_kwarg: bool,
+        args: tuple,
+        kwargs: dict,
+        make_box: Callable[[torch.Tensor], Any],
+    ) -> Any:
+        """The layer's output through its graphs, or ``NotImplemented`` when this call must run eagerly."""
+        if not (self.emulate or hidden.is_cuda):
+            return NotImplemented
+        flat = _flatten_call(args, kwargs)
+        if flat is None:
+            return self._refuse(layer, "an argument type the graph cannot hold")
+        call_key, extras = flat
+        params = [p for p in layer.parameters()]
+        device = hidden.device
+        if not self.emulate and any(p.device != device or type(p).__name__ == "DTensor" or p._base is not None
+                                    for p in params):
+            return self._refuse(layer, "parameters on another device, sharded or views")
+        if not self.emulate and any(t.device != device for t in extras):
+            return self._refuse(layer, "tensor arguments on another device")
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        key = (
+            (hidden.shape, hidden.dtype, hidden.stride(), hidden.requires_grad), call_key, as_kwarg, autocast,
+            tuple((p.data_ptr(), p.requires_grad) for p in params),
+        )
+        entries = self._layers.get(layer)
+        if entries is None:
+            entries = self._layers[layer] = OrderedDict()
+        entry = entries.get(key)
+        if entry is None:  # first sight: eager (warms caches); the next call with this key captures
+            if len(entries) < 2 * self.max_keys:
+                entries[key] = "seen"
+            self.stats["eager_calls"] += 1
+            return NotImplemented
+        if entry == "bad":
+            self.stats["eager_calls"] += 1
+            return NotImplemented
+        if entry == "seen":
+            if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
+                self.stats["eager_calls"] += 1
+                return NotImplemented
+            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast)
+            if entry is None:
+                entries[key] = "bad"
+                self.stats["eager_calls"] += 1
+                return NotImplemented
+            entries[key] = entry
+        entries.move_to_end(key)
+        self.stats["replays"] += 1
+        box = make_box(hidden)
+        try:
+            return _GraphedLayerFunction.apply(entry, box, entry.n_extra, hidden, *extras, *entry.params)
+        finally:
+            box.forward_done()
+
+    def clear(self) -> None:
+        """Drop every captured graph (their memory returns to the caching allocator)."""
+        self._layers = weakref.WeakKeyDictionary()
+        for buf in self._buffers.values():
+            _forget(buf)
+        self._buffers.clear()
+        self._pools.clear()
+
+    # ---- internals ----
+    def _refuse(self, layer: nn.Module, why: str) -> Any:
+        self.stats["refused"] += 1
+        _log_once(f"CUDA graphs: {type(layer).__name__} runs eagerly ({why}).")
+        return NotImplemented
+
+    def _buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        key = (slot, like.shape, like.dtype, like.device, like.stride())
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+            buf.copy_(like)
+            _forget(buf)
+            self._buffers[key] = buf
+        return buf
+
+    def _new_graph(self, device: torch.device) -> Any:
+        if self.emulate:
+            return _EmulatedGraph()
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return _CudaGraph(device, self._pools[device], self._streams[device])
+
+    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast):
+        entry = _Entry()
+        device = hidden.device
+        static_hidden = self._buffer(0, hidden)
+        static_extras = [self._buffer(1 + i, t) for i, t in enumerate(extras)]
+        entry.n_extra = len(extras)
+        entry.hidden_grad = hidden.requires_grad
+        entry.diff_extra = [i for i, t in enumerate(extras) if t.requires_grad and t.is_floating_point()]
+        entry.params = [p for p in params if p.requires_grad]
+        entry.host_known = [
+            (static_extras[i], t_key[2])
+            for i, t_key in enumerate(_host_leaves(call_key))
+            if t_key is not None
+        ]
+        enabled, dtype = autocast
+
+        def call(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+            pos = [0]
+            c_args = _rebuild(args, tensors, pos)
+            c_kwargs = {k: _rebuild(kwargs[k], tensors, pos) for k in sorted(kwargs)}
+            with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+                out = inner(*c_args, hidden_states=x, **c_kwargs) if as_kwarg else inner(x, *c_args, **c_kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"layer returned {type(out).__name__}, not a tensor")
+            return out
+
+        def fwd() -> torch.Tensor:
+            with torch.no_grad():
+                return call(static_hidden, static_extras)
+
+        def bwd() -> tuple:
+            with torch.enable_grad():
+                x = static_hidden.detach().requires_grad_(entry.hidden_grad)
+                tensors = list(static_extras)
+                leaves = []
+                for i in entry.diff_extra:  # differentiable extras are read through leaves of their own
+                    tensors[i] = static_extras[i].detach().requires_grad_(True)
+                    leaves.append(tensors[i])
+                out = call(x, tensors)
+                wrt = ([x] if entry.hidden_grad else []) + leaves + entry.params
+                grads = torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True)
+            return tuple(grads)
+
+        _register_host_known(entry.host_known)
+        try:
+            entry.fwd = self._new_graph(device)
+            entry.fwd.capture(fwd)
+            static_grad = self._buffer(len(extras) + 1, entry.fwd.outputs)
+            entry.static = [static_hidden, *static_extras, static_grad]
+            entry.bwd = self._new_graph(device)
+            entry.bwd.capture(bwd)
+        except Exception as exc:  # a host sync or another uncapturable op inside the layer
+            self.stats["failures"] += 1
+            _log_once(f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.")
+            if not self.emulate:
+                torch.cuda.synchronize(device)
+            return None
+        finally:
+            _unregister_host_known(entry.host_known)
+        self.stats["captures"] += 1
+        return entry
+
+
+def _host_leaves(call_key: Any) -> list[Any]:
+    """The tensor leaf keys of a flattened call, in tensor order (host-known ones carry their values)."""
+    out: list[Any] = []
+
+    def walk(k: Any) -> None:
+        if isinstance(k, tuple) and k and k[0] in ("t", "host") and len(k) == 3 and isinstance(k[1], tuple):
+            out.append(k if k[0] == "host" else None)
+        elif isinstance(k, tuple) and k and k[0] == "s":
+            for item in k[2]:
+                walk(item)
+
+    args_key, kwargs_key = call_key
+    for item in args_key:
+        walk(item)
+    for _, item in kwargs_key:
+        walk(item)
+    return out
+
+
+def _register_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    for t, values in pairs:
+        _HOST_KNOWN[id(t)] = (t, values)
+
+
+def _unregister_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    for t, _ in pairs:
+        _HOST_KNOWN.pop(id(t), None)
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)

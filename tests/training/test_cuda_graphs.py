@@ -1,0 +1,143 @@
+"""CUDA-graphed checkpointed layers (`training/cuda_graphs.py`), on CPU through the emulated graph backend.
+
+The emulation keeps a graph's contract (static input buffers, outputs written into the same tensors on replay),
+so keys, buffers, gradients, offload boxes and fallbacks are exercised here; real capture runs in
+`tests/gpu/test_cuda_graphs.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs.tiny import NAMED_TINY_TYPES, missing_dependencies, sample_batch
+from hf_fastvision.training.checkpointing import disable_checkpointing, enable_checkpointing
+from hf_fastvision.training.cuda_graphs import GraphedLayers, _flatten_call, host_values
+
+
+def _llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:  # trainable, like LoRA weights: a few projections per layer
+        layer.self_attn.q_proj.weight.requires_grad_(True)
+        layer.mlp.down_proj.weight.requires_grad_(True)
+    model.model.embed_tokens.weight.requires_grad_(True)  # so the first layer's input needs a gradient too
+    model.train()
+    return model
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _graphs(model) -> GraphedLayers:
+    from hf_fastvision.training.checkpointing import _STATE_ATTR
+
+    layer = next(m for m in model.modules() if _STATE_ATTR in m.__dict__)
+    return layer.__dict__[_STATE_ATTR].manager.graphs
+
+
+def _train(model, batches, lr=0.05):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    out = []
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        out.append((loss.detach(), _grads(model)))
+        opt.step()
+    return out
+
+
+def test_emulated_graphs_match_eager_over_steps():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}] * 4
+    ref_model, model = _llama(), _llama()
+    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    stats = _graphs(model).stats
+    # step 1 eager (first sight), step 2 captures each layer once, steps 2-4 replay
+    assert stats["captures"] == 3 and stats["replays"] == 9 and stats["eager_calls"] == 3, stats
+    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+        assert g_ref.keys() == g_got.keys() and "model.embed_tokens.weight" in g_got
+        for n in g_ref:  # gradients reach the layer weights and, through the layer inputs, the embeddings
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_new_shapes_capture_up_to_max_keys_then_run_eagerly():
+    model = _llama()
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    graphs = _graphs(model)
+    graphs.max_keys = 1
+    batches = []
+    for n in (8, 8, 12, 12, 8):
+        ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
+        batches.append({"input_ids": ids, "labels": ids})
+    ref_model = _llama()
+    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
+    for (l_ref, _), (l_got, _) in zip(_train(ref_model, batches), _train(model, batches)):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+    # length 8 captured at its 2nd call and replayed at its 3rd; length 12 never captured (one key per layer)
+    assert graphs.stats["captures"] == 3 and graphs.stats["replays"] == 6, graphs.stats
+
+
+def test_unsupported_arguments_run_eagerly():
+    assert _flatten_call((object(),), {}) is None
+    key, tensors = _flatten_call((torch.zeros(2),), {"mask": None, "pair": (torch.ones(1), torch.ones(2))})
+    assert len(tensors) == 3 and key[1][0] == ("mask", ("v", "NoneType", None))
+
+
+def test_host_values_serve_small_int_tensors_without_repeat_syncs():
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    key, _ = _flatten_call((), {"cu_seqlens": cu})
+    assert key[1][0][1][0] == "host" and key[1][0][1][2] == (0, 4, 8)  # the values are part of the key
+    assert host_values(cu) == [0, 4, 8]
+    cu[1] = 3  # in-place change bumps the version: re-read
+    assert host_values(cu) == [0, 3, 8]
+
+
+def test_disable_checkpointing_drops_graphs_and_training_still_matches():
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    model = _llama()
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    _train(model, [{"input_ids": ids, "labels": ids}] * 2)
+    disable_checkpointing(model)
+    enable_checkpointing(model, True, cuda_graphs="emulate")  # plain mode never graphs
+    from hf_fastvision.training.checkpointing import _STATE_ATTR
+
+    assert all(m.__dict__[_STATE_ATTR].manager.graphs is None for m in model.modules() if _STATE_ATTR in m.__dict__)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava"])
+def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, tiny_checkpoint):
+    """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA."""
+    if missing := missing_dependencies(name):
+        pytest.skip(f"needs {missing}")
+    assert name in NAMED_TINY_TYPES
+    results = []
+    for graphs in (False, "emulate"):
+        model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)), max_seq_length=256)
+        peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(pname))) * 0.2)
+        enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs=graphs)
+        batch = sample_batch(processor, name, 2)
+        results.append(_train(peft_model, [batch] * 3, lr=0.01))
+        if graphs:
+            stats = _graphs(peft_model.get_base_model()).stats
+            assert stats["captures"] > 0 and stats["replays"] >= 2 * stats["captures"], stats
+    for (l_ref, g_ref), (l_got, g_got) in zip(*results):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-4, atol=1e-5)
+        assert g_ref.keys() == g_got.keys()
+        for n in g_ref:
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
