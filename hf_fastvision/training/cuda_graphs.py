@@ -141,11 +141,19 @@ class _CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
         self.outputs: Any = None
 
+    def warm(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` eagerly on the capture stream (per-stream cuBLAS workspace, lazy inits) and return its result."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
     def capture(self, fn: Callable[[], Any]) -> None:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            fn()  # warm-up on the capture stream (per-stream cuBLAS workspace, lazy inits) outside the capture
             self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 self.outputs = fn()
@@ -164,6 +172,9 @@ class _EmulatedGraph:
     def __init__(self, *_: Any) -> None:
         self.fn: Callable[[], Any] | None = None
         self.outputs: Any = None
+
+    def warm(self, fn: Callable[[], Any]) -> Any:
+        return fn()
 
     def capture(self, fn: Callable[[], Any]) -> None:
         self.fn = fn
@@ -264,6 +275,9 @@ class GraphedLayers:
         self.max_keys = max_keys
         self.emulate = emulate
         self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0}
+        self.last_failure: str | None = None
+        self._warmed: set[Any] = set()
+        self._flush_pending = False
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -318,12 +332,17 @@ class GraphedLayers:
             if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
                 self.stats["eager_calls"] += 1
                 return NotImplemented
-            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast)
+            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast,
+                                  key[:4])
             if entry is None:
                 entries[key] = "bad"
                 self.stats["eager_calls"] += 1
                 return NotImplemented
             entries[key] = entry
+        elif self._flush_pending and not self.emulate:
+            # the capture round is over: hand the warm-ups' blocks cached for the capture stream back
+            self._flush_pending = False
+            torch.cuda.empty_cache()
         entries.move_to_end(key)
         self.stats["replays"] += 1
         box = make_box(hidden)
@@ -346,7 +365,7 @@ class GraphedLayers:
         _log_once(f"CUDA graphs: {type(layer).__name__} runs eagerly ({why}).")
         return NotImplemented
 
-    def _buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, slot: Any, like: torch.Tensor) -> torch.Tensor:
         key = (slot, like.shape, like.dtype, like.device, like.stride())
         buf = self._buffers.get(key)
         if buf is None:
@@ -364,7 +383,8 @@ class GraphedLayers:
             self._streams[device] = torch.cuda.Stream(device=device)
         return _CudaGraph(device, self._pools[device], self._streams[device])
 
-    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast):
+    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast,
+                 key_signature):
         entry = _Entry()
         device = hidden.device
         static_hidden = self._buffer(0, hidden)
@@ -390,11 +410,11 @@ class GraphedLayers:
                 raise TypeError(f"layer returned {type(out).__name__}, not a tensor")
             return out
 
-        def fwd() -> torch.Tensor:
+        def fwd_body() -> torch.Tensor:
             with torch.no_grad():
                 return call(static_hidden, static_extras)
 
-        def bwd() -> tuple:
+        def bwd_body() -> list[torch.Tensor | None]:
             with torch.enable_grad():
                 x = static_hidden.detach().requires_grad_(entry.hidden_grad)
                 tensors = list(static_extras)
@@ -404,26 +424,48 @@ class GraphedLayers:
                     leaves.append(tensors[i])
                 out = call(x, tensors)
                 wrt = ([x] if entry.hidden_grad else []) + leaves + entry.params
-                grads = torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True)
-            return tuple(grads)
+                return list(torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True))
 
+        signature = key_signature
         _register_host_known(entry.host_known)
         try:
             entry.fwd = self._new_graph(device)
+            # outputs go to buffers outside the pool, shared by every layer of this shape (copied out on replay)
+            static_out = self._buffer(("out", 0), entry.fwd.warm(fwd_body))
+
+            def fwd() -> torch.Tensor:
+                static_out.copy_(fwd_body())
+                return static_out
+
             entry.fwd.capture(fwd)
-            static_grad = self._buffer(len(extras) + 1, entry.fwd.outputs)
+            static_grad = self._buffer(("grad_out", 0), static_out)
             entry.static = [static_hidden, *static_extras, static_grad]
+            wrt_like = ([static_hidden] if entry.hidden_grad else []) + [static_extras[i] for i in entry.diff_extra]
+            grad_bufs = [self._buffer(("grad", i), t) for i, t in enumerate(wrt_like + entry.params)]
             entry.bwd = self._new_graph(device)
+            if signature not in self._warmed:
+                entry.bwd.warm(bwd_body)
+                self._warmed.add(signature)
+
+            def bwd() -> tuple:
+                grads = bwd_body()
+                for buf, g in zip(grad_bufs, grads):
+                    if g is not None:
+                        buf.copy_(g)
+                return tuple(buf if g is not None else None for buf, g in zip(grad_bufs, grads))
+
             entry.bwd.capture(bwd)
         except Exception as exc:  # a host sync or another uncapturable op inside the layer
             self.stats["failures"] += 1
+            self.last_failure = f"{type(layer).__name__}: {type(exc).__name__}: {exc}"
             _log_once(f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.")
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.", logging.WARNING)
             if not self.emulate:
                 torch.cuda.synchronize(device)
             return None
         finally:
             _unregister_host_known(entry.host_known)
+        self._flush_pending = True
         self.stats["captures"] += 1
         return entry
 
@@ -460,7 +502,7 @@ def _unregister_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) ->
 _LOGGED: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, level: int = logging.INFO) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
-        logger.info(message)
+        logger.log(level, message)

@@ -14,7 +14,8 @@ def _stats(model):
     for m in model.modules():
         state = m.__dict__.get(_STATE_ATTR)
         if state is not None:
-            return state.manager.graphs.stats if state.manager.graphs is not None else None
+            graphs = state.manager.graphs
+            return None if graphs is None else {**graphs.stats, "last_failure": graphs.last_failure}
     return None
 
 
