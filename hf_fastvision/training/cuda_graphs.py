@@ -203,12 +203,12 @@ class _Entry:
 
     def load(self, hidden: torch.Tensor, extras: list[torch.Tensor], grad_out: torch.Tensor | None = None) -> None:
         static = self.static
-        static[0].copy_(hidden)
+        static[0].copy_(hidden.detach())
         _forget(static[0])
         for buf, t in zip(static[1 : 1 + self.n_extra], extras):
             _load_buffer(buf, t)
         if grad_out is not None:
-            static[-1].copy_(grad_out)
+            static[-1].copy_(grad_out.detach())
             _forget(static[-1])
 
 
@@ -221,7 +221,7 @@ def _load_buffer(buf: torch.Tensor, src: torch.Tensor) -> None:
     last = _BUFFER_SOURCE.get(id(buf))
     if last is not None and last[0]() is src and last[1] == src._version:
         return
-    buf.copy_(src)
+    buf.copy_(src.detach())
     try:
         _BUFFER_SOURCE[id(buf)] = (weakref.ref(src), src._version)
     except TypeError:  # pragma: no cover
@@ -370,7 +370,7 @@ class GraphedLayers:
         buf = self._buffers.get(key)
         if buf is None:
             buf = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
-            buf.copy_(like)
+            buf.copy_(like.detach())  # detached: a buffer must not keep autograd nodes (and their streams) alive
             _forget(buf)
             self._buffers[key] = buf
         return buf
