@@ -278,6 +278,7 @@ class GraphedLayers:
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
         self._flush_pending = False
+        self.disabled = False  # set after a failed CUDA capture: the pool may be left mid-recording
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -298,7 +299,7 @@ class GraphedLayers:
         make_box: Callable[[torch.Tensor], Any],
     ) -> Any:
         """The layer's output through its graphs, or ``NotImplemented`` when this call must run eagerly."""
-        if not (self.emulate or hidden.is_cuda):
+        if self.disabled or not (self.emulate or hidden.is_cuda):
             return NotImplemented
         flat = _flatten_call(args, kwargs)
         if flat is None:
@@ -461,6 +462,7 @@ class GraphedLayers:
             _log_once(f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.", logging.WARNING)
             if not self.emulate:
+                self.disabled = True
                 torch.cuda.synchronize(device)
             return None
         finally:
