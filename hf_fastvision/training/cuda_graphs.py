@@ -393,7 +393,8 @@ class GraphedLayers:
         entry.n_extra = len(extras)
         entry.hidden_grad = hidden.requires_grad
         entry.diff_extra = [i for i, t in enumerate(extras) if t.requires_grad and t.is_floating_point()]
-        entry.params = [p for p in params if p.requires_grad]
+        param_slots = _trainable_slots(layer)
+        entry.params = [mod._parameters[name] for mod, name in param_slots]
         entry.host_known = [
             (static_extras[i], t_key[2])
             for i, t_key in enumerate(_host_leaves(call_key))
@@ -423,8 +424,14 @@ class GraphedLayers:
                 for i in entry.diff_extra:  # differentiable extras are read through leaves of their own
                     tensors[i] = static_extras[i].detach().requires_grad_(True)
                     leaves.append(tensors[i])
-                out = call(x, tensors)
-                wrt = ([x] if entry.hidden_grad else []) + leaves + entry.params
+                # The trainable weights are read through fresh aliases (same storage, so replays see the
+                # optimizer's updates): a weight's own AccumulateGrad node may have been created on the default
+                # stream and be kept alive by the caller (a `loss` still referenced), and routing gradients to
+                # it from the capture stream would sync with the default stream, which invalidates the capture.
+                aliases = [p.detach().requires_grad_(True) for p in entry.params]
+                with _swapped_params(param_slots, aliases):
+                    out = call(x, tensors)
+                wrt = ([x] if entry.hidden_grad else []) + leaves + aliases
                 return list(torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True))
 
         signature = key_signature
@@ -470,6 +477,36 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
+
+
+def _trainable_slots(layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of each trainable parameter of `layer`, once each, in `layer.parameters()` order."""
+    slots, seen = [], set()
+    for mod in layer.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                if p.requires_grad:
+                    slots.append((mod, name))
+    return slots
+
+
+class _swapped_params:
+    """Temporarily read the parameters at `slots` as `tensors` (what functional_call does, without the module's
+    __call__, which here would re-enter the checkpointing wrapper)."""
+
+    def __init__(self, slots: list[tuple[nn.Module, str]], tensors: list[torch.Tensor]) -> None:
+        self.slots, self.tensors, self.saved = slots, tensors, []
+
+    def __enter__(self) -> None:
+        for (mod, name), t in zip(self.slots, self.tensors):
+            self.saved.append(mod._parameters[name])
+            mod._parameters[name] = t
+
+    def __exit__(self, *exc: Any) -> None:
+        for (mod, name), p in zip(self.slots, self.saved):
+            mod._parameters[name] = p
+        self.saved = []
 
 
 def _host_leaves(call_key: Any) -> list[Any]:
