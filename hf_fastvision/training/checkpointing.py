@@ -92,6 +92,7 @@ _OFFLOAD = "unsloth"
 _PLAIN = "plain"
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+_HIDDEN_KWARGS = ("hidden_states", "hidden_state")
 
 
 def _normalize_mode(mode: Any) -> str | None:
@@ -366,7 +367,7 @@ def _run_plain(inner: Callable, kwargs: dict, _anchor: torch.Tensor, *args):
     return inner(*args, **kwargs)
 
 
-def _run_offloaded(inner: Callable, box: _Box, kwargs: dict, as_kwarg: bool, _anchor: torch.Tensor, *args):
+def _run_offloaded(inner: Callable, box: _Box, kwargs: dict, as_kwarg: str | None, _anchor: torch.Tensor, *args):
     if box.live is not None:  # the original forward
         hidden = box.live
     else:  # recomputation during backward
@@ -376,7 +377,7 @@ def _run_offloaded(inner: Callable, box: _Box, kwargs: dict, as_kwarg: bool, _an
         if prev is not None:
             prev.prefetch()  # overlap the previous layer's H2D with this layer's recompute + backward
     if as_kwarg:
-        return inner(*args, hidden_states=hidden, **kwargs)
+        return inner(*args, **{as_kwarg: hidden}, **kwargs)
     return inner(hidden, *args, **kwargs)
 
 
@@ -413,12 +414,16 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     manager.stats["checkpointed_calls"] += 1
     anchor = _anchor_for(self, args, kwargs)
 
-    hidden, as_kwarg = None, False
+    hidden, as_kwarg = None, None
     if state.mode == _OFFLOAD:
         if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             hidden, args = args[0], args[1:]
-        elif isinstance(kwargs.get("hidden_states"), torch.Tensor) and kwargs["hidden_states"].is_floating_point():
-            hidden, as_kwarg = kwargs.pop("hidden_states"), True
+        else:  # by keyword: `hidden_states`, or `hidden_state` (e.g. Mllama's vision layers on transformers 5.17)
+            for name in _HIDDEN_KWARGS:
+                value = kwargs.get(name)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    hidden, as_kwarg = kwargs.pop(name), name
+                    break
 
     if hidden is None:  # plain mode, or nothing to offload
         run = functools.partial(_run_plain, inner, kwargs)

@@ -293,7 +293,7 @@ class GraphedLayers:
         layer: nn.Module,
         inner: Callable[..., Any],
         hidden: torch.Tensor,
-        as_kwarg: bool,
+        as_kwarg: str | None,
         args: tuple,
         kwargs: dict,
         make_box: Callable[[torch.Tensor], Any],
@@ -333,6 +333,10 @@ class GraphedLayers:
             if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
                 self.stats["eager_calls"] += 1
                 return NotImplemented
+            if not self._flush_pending and not self.emulate:
+                # a capture round starts: return the blocks the eager steps left cached, so the graphs' pool
+                # grows into them instead of beside them (lower reserved peak)
+                torch.cuda.empty_cache()
             entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast,
                                   key[:4])
             if entry is None:
@@ -407,7 +411,7 @@ class GraphedLayers:
             c_args = _rebuild(args, tensors, pos)
             c_kwargs = {k: _rebuild(kwargs[k], tensors, pos) for k in sorted(kwargs)}
             with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-                out = inner(*c_args, hidden_states=x, **c_kwargs) if as_kwarg else inner(x, *c_args, **c_kwargs)
+                out = inner(*c_args, **{as_kwarg: x}, **c_kwargs) if as_kwarg else inner(x, *c_args, **c_kwargs)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"layer returned {type(out).__name__}, not a tensor")
             return out

@@ -497,3 +497,37 @@ def test_cuda_offload_autocast_and_peak_memory():
     # plain checkpointing keeps every layer's fp32 input on the GPU; offload keeps at most ~2 of them
     input_bytes = ids.numel() * model.config.hidden_size * 4
     assert peak_plain - peak_off >= (n_layers - 3) * input_bytes, (peak_plain, peak_off, input_bytes)
+
+
+def test_offload_finds_hidden_state_keyword():
+    """Layers whose input comes as `hidden_state=` (Mllama's vision layers on transformers 5.17) are offloaded too."""
+
+    class Block(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_state, attention_mask=None):
+            return torch.tanh(self.fc(hidden_state))
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(hidden_state=x, attention_mask=None)
+            return x
+
+    torch.manual_seed(0)
+    model, ref = Stack(), None
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    ref(x).pow(2).sum().backward()
+    enable_checkpointing(model, "unsloth")
+    model(x).pow(2).sum().backward()
+    stats = offload_stats(model)
+    assert stats["recomputes"] == 2, stats  # the offload path (box + recompute), not plain checkpointing
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

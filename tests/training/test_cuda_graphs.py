@@ -134,8 +134,14 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, tiny_checkpoint):
         batch = sample_batch(processor, name, 2)
         results.append(_train(peft_model, [batch] * 3, lr=0.01))
         if graphs:
-            stats = _graphs(peft_model.get_base_model()).stats
+            from hf_fastvision.training.checkpointing import checkpointed_layers
+
+            graphed = _graphs(peft_model.get_base_model())
+            stats = graphed.stats
             assert stats["captures"] > 0 and stats["replays"] >= 2 * stats["captures"], stats
+            # every checkpointed block is graphed, whichever keyword its hidden state comes by
+            expected = {type(m).__name__ for m in checkpointed_layers(peft_model.get_base_model())}
+            assert {type(m).__name__ for m in graphed._layers.keys()} == expected
     for (l_ref, g_ref), (l_got, g_got) in zip(*results):
         torch.testing.assert_close(l_got, l_ref, rtol=1e-4, atol=1e-5)
         assert g_ref.keys() == g_got.keys()
