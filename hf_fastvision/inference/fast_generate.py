@@ -53,6 +53,9 @@ class FastInferenceState:
         default=None, metadata={"help": "Largest batch one call may take (None: unbounded, e.g. on CPU)."}
     )
     compile: bool = field(default=False, metadata={"help": "Decode step compiled (Inductor + CUDA graphs) — CUDA only."})
+    decode_kernel: bool = field(default=False, metadata={
+        "help": "4-bit linears run the few-row nf4 kernel on decode steps (CUDA; `inference/decode_kernels.py`)."})
+    decode_kernel_requested: bool = field(default=True, metadata={"help": "enable_fast_inference(decode_kernel=...)."})
     compile_requested: bool = field(default=True, metadata={"help": "enable_fast_inference(compile=...) as given."})
     static_cache: bool = field(default=True, metadata={"help": "False once the model fell back to DynamicCache."})
     fallback_reason: str | None = field(default=None, metadata={"help": "Why the dynamic cache is used, if it is."})
@@ -183,6 +186,7 @@ def enable_fast_inference(
     gpu_memory_utilization: float | None = None,
     max_batch_size: int | None = None,
     compile: bool | None = None,
+    decode_kernel: bool | None = None,
 ) -> nn.Module:
     """Attach ``model.fast_generate(...)`` (same inputs as ``generate``) to this instance; returns the model.
 
@@ -190,6 +194,8 @@ def enable_fast_inference(
     ``max_seq_length`` = the one given at load and ``gpu_memory_utilization`` = 0.5.  ``max_seq_length`` sizes the static KV cache; on CUDA the largest batch
     is the one whose cache fits in ``gpu_memory_utilization`` of free memory, or ``max_batch_size`` if smaller.
     ``compile`` (default: on for CUDA models) compiles the decode step; ``compile=False`` keeps eager kernels.
+    ``decode_kernel`` (default: on for CUDA models) runs bitsandbytes 4-bit linears through the few-row nf4 kernel
+    on decode steps (the weight is read once as 4-bit instead of being dequantized to 16-bit per step).
     Call again after wrapping the model in PEFT to generate through the PeftModel (the base keeps working too:
     LoRA layers live in its modules).  Idempotent.
     """
@@ -206,6 +212,7 @@ def enable_fast_inference(
     if max_batch_size is not None and int(max_batch_size) <= 0:
         raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
     want_compile = bool(compile) if compile is not None else getattr(previous, "compile_requested", True)
+    want_kernel = bool(decode_kernel) if decode_kernel is not None else getattr(previous, "decode_kernel_requested", True)
     limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization))
     if max_batch_size is not None:
         limit = int(max_batch_size) if limit is None else min(limit, int(max_batch_size))
@@ -215,6 +222,8 @@ def enable_fast_inference(
         max_batch_size=limit,
         compile_requested=want_compile,
         compile=base.device.type == "cuda" and want_compile,
+        decode_kernel_requested=want_kernel,
+        decode_kernel=base.device.type == "cuda" and want_kernel,
     )
     old = getattr(base, _STATE_ATTR, None)
     if old is not None and not old.static_cache:  # a known limitation stays known
@@ -225,6 +234,12 @@ def enable_fast_inference(
     base._valid_auto_compile_criteria = types.MethodType(_compile_criteria, base)
     for target in {id(model): model, id(base): base}.values():
         target.fast_generate = types.MethodType(_fast_generate, target)
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, unbind_decode_kernels
+
+    if state.decode_kernel:
+        bind_decode_kernels(base)
+    else:
+        unbind_decode_kernels(base)
     return model
 
 
@@ -239,4 +254,7 @@ def disable_fast_inference(model: nn.Module) -> nn.Module:
     for target in (model, base):
         target.__dict__.pop("fast_generate", None)
     base.__dict__.pop("_valid_auto_compile_criteria", None)
+    from hf_fastvision.inference.decode_kernels import unbind_decode_kernels
+
+    unbind_decode_kernels(base)
     return model

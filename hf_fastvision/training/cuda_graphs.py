@@ -26,7 +26,7 @@ How (used by `checkpointing.py` in offload mode, ``patches={"cuda_graphs": ...}`
 
 Tests run the same code on CPU with an emulated graph (re-executes the captured function into the static
 outputs), so the plumbing (keys, static buffers, gradients, fallbacks) is checked without CUDA; the real
-capture is checked on the GPU machine (`tests/gpu/test_cuda_graphs.py`).
+capture is checked on the GPU machine (`tests/gpu/test_cuda_graphs_gpu.py`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The emulation keeps a graph's contract (static input buffers, outputs written into the same tensors on replay),
 so keys, buffers, gradients, offload boxes and fallbacks are exercised here; real capture runs in
-`tests/gpu/test_cuda_graphs.py`.
+`tests/gpu/test_cuda_graphs_gpu.py`.
 """
 
 from __future__ import annotations

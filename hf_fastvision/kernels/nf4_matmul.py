@@ -1,0 +1,157 @@
+"""``x @ W^T`` for a bitsandbytes 4-bit ``W`` and few rows of ``x`` (decoding), dequantizing inside the kernel.
+
+For a handful of tokens (a decode step of a batch of up to 16 sequences) bitsandbytes 0.50 dequantizes the whole
+weight to 16-bit in global memory and then runs a GEMM on it (on sm90 its fused 4-bit GEMV is taken for one row
+only), so every decoded token writes and reads back 2 bytes per parameter: on an H200 a batch-8 decode step of a
+7B model took 18.5 ms against 8.6 ms at batch 1 (`scripts/bench_generate.py`, 2026-11-27). This kernel reads the
+packed 4-bit weight (0.5 byte per parameter) once, expands it in registers with the 16-entry code table and the
+block scales (double-quantized scales are expanded in the kernel too) and multiplies on the tensor cores.
+
+- ``nf4_matmul(x, weight, quant_state, bias=None)``: the op (Triton on CUDA or under ``TRITON_INTERPRET=1``,
+  the reference otherwise), registered as the custom op ``hf_fastvision::nf4_matmul`` so ``torch.compile`` and
+  CUDA graphs treat it as one opaque kernel;
+- ``nf4_matmul_ref(...)``: bitsandbytes' dequantization followed by ``F.linear`` (what the tests compare with).
+
+Layout (bitsandbytes' ``Params4bit``): the ``[out, in]`` weight flattened row-major, two 4-bit codes per byte,
+the first element in the high nibble; one scale per ``blocksize`` consecutive elements. Works for nf4 and fp4
+(the code table comes from the quant state). Inference only: no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import device_guarded, tl, triton, triton_interpret, use_triton
+
+__all__ = ["nf4_matmul", "nf4_matmul_ref", "MAX_ROWS"]
+
+MAX_ROWS = 16
+"""Rows of ``x`` up to which the kernel is used; more rows are compute-bound and go through dequantize + GEMM."""
+
+
+def nf4_matmul_ref(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(weight.data, quant_state).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    X, W, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, BIAS, OUT,
+    M, N, K, stride_xm, stride_om,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # BLOCK_K divides BLOCKSIZE and BLOCKSIZE divides K: each row of a K-step lies in one scale block.
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    half_k = tl.arange(0, BLOCK_K // 2)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    if NESTED:
+        offset = tl.load(OFFSET)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        row_start = offs_n * K + k0  # flat index of element (n, k0)
+        # bytes of elements (n, k0 + 2j) [high nibble] and (n, k0 + 2j + 1) [low nibble]
+        packed = tl.load(W + (row_start[:, None] // 2 + half_k[None, :]), mask=n_ok[:, None], other=0).to(tl.int32)
+        hi = tl.load(CODE + (packed >> 4))
+        lo = tl.load(CODE + (packed & 15))
+        vals = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))  # element order hi, lo, hi, lo, ...
+        block = row_start // BLOCKSIZE
+        if NESTED:
+            q = tl.load(ABSMAX + block, mask=n_ok, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=n_ok, other=0.0) + offset
+        else:
+            scale = tl.load(ABSMAX + block, mask=n_ok, other=0.0)
+        w = vals * scale[:, None]  # [BLOCK_N, BLOCK_K]
+        if ROUND == 1:  # bitsandbytes dequantizes to the compute dtype first
+            w = w.to(tl.bfloat16)
+        elif ROUND == 2:
+            w = w.to(tl.float16)
+        w = w.to(X.dtype.element_ty)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+        if IEEE:  # fp32 inputs, or the interpreter (whose bf16 tl.dot returns garbage on triton 3.8)
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2, nested, rounding):
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    block_n = 64 if n >= 8192 else 32  # small N: more programs for the SMs
+    grid = (triton.cdiv(n, block_n),)
+    device_guarded(_nf4_matmul_kernel)[grid](
+        x2, packed, absmax, code, absmax2, code2, offset, bias if bias is not None else out, out,
+        m, n, k, x2.stride(0), out.stride(0),
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, HAS_BIAS=bias is not None,
+        IEEE=x2.dtype == torch.float32 or triton_interpret(), ROUND=rounding, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(blocksize, 128), num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op("hf_fastvision::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(
+    x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor,
+    code2: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, blocksize: int,
+    blocksize2: int, nested: bool, rounding: int,
+) -> torch.Tensor:
+    return _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2, nested,
+                   rounding)
+
+
+@_nf4_matmul_op.register_fake
+def _(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2, nested, rounding):
+    return x2.new_empty((x2.shape[0], n))
+
+
+_ROUNDING = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, quant_state) -> bool:
+    """Whether the kernel computes this call: few rows, a plain 2-D bnb 4-bit weight, a half or fp32 input."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    shape = getattr(quant_state, "shape", None)
+    return (
+        0 < rows <= MAX_ROWS
+        and use_triton(x)
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and shape is not None and len(shape) == 2 and x.shape[-1] == shape[1]
+        and weight.dtype == torch.uint8
+        and quant_state.code is not None and quant_state.code.numel() == 16
+        and quant_state.blocksize >= 16 and quant_state.blocksize & (quant_state.blocksize - 1) == 0
+        and shape[1] % quant_state.blocksize == 0
+    )
+
+
+def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
+    """``F.linear(x, dequantize(W), bias)`` in ``x``'s dtype (see the module docstring)."""
+    if not supports(x, weight, quant_state):
+        return nf4_matmul_ref(x, weight, quant_state, bias)
+    n, k = quant_state.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qs = quant_state
+    code = qs.code.float()
+    if qs.nested:  # the offset stays a tensor: no host sync (decode steps run inside CUDA graphs)
+        absmax, absmax2, code2, blocksize2 = qs.absmax, qs.state2.absmax.float(), qs.state2.code.float(), int(qs.state2.blocksize)
+        offset = getattr(qs, "_hffv_offset", None)
+        if offset is None or offset.device != x.device:
+            offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=x.device).reshape(1)
+            qs._hffv_offset = offset
+    else:
+        absmax, absmax2, code2, blocksize2 = qs.absmax.float(), code, code, 1
+        offset = code
+    b = bias.to(x.dtype) if bias is not None else None
+    out = _nf4_matmul_op(x2, weight.data.reshape(-1), absmax, code, absmax2, code2, offset, b, n, k,
+                         int(qs.blocksize), blocksize2, bool(qs.nested), _ROUNDING.get(qs.dtype, 0))
+    return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,91 @@
+"""nf4_matmul (few-row x @ W^T with W dequantized inside the kernel) against bitsandbytes' dequantize + linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fastvision.kernels.nf4_matmul import MAX_ROWS, nf4_matmul, nf4_matmul_ref, supports
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _assert_matmul_close(out, x, packed, state, bias=None):
+    """Against dequantize + fp32 matmul: a half output may differ by its rounding, relative to the output scale."""
+    ref = nf4_matmul_ref(x.float(), packed, state, None if bias is None else bias.float())
+    err = (out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+    # (the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: half weights allow half rounding)
+    exact = out.dtype == torch.float32 and state.dtype == torch.float32
+    assert err < (1e-5 if exact else 1e-2), float(err)
+
+
+def _quantized(n, k, device, quant_type="nf4", nested=True, blocksize=64, dtype=torch.bfloat16):
+    w = torch.randn(n, k, device=device, dtype=torch.float32).to(dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return packed, state
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, MAX_ROWS])
+@pytest.mark.parametrize("n,k", [(32, 64), (96, 192), (200, 256)])
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_matches_dequantize_then_linear(m, n, k, quant_type, nested, device):
+    packed, state = _quantized(n, k, device, quant_type, nested)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    assert supports(x, packed, state)
+    out = nf4_matmul(x, packed, state)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    _assert_matmul_close(out, x, packed, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_bias_and_batch_shape(dtype, device):
+    packed, state = _quantized(64, 128, device)
+    x = torch.randn(2, 3, 128, device=device, dtype=dtype)  # [batch, tokens, in]: 6 rows
+    bias = torch.randn(64, device=device, dtype=torch.bfloat16)
+    out = nf4_matmul(x, packed, state, bias)
+    assert out.shape == (2, 3, 64) and out.dtype == dtype
+    _assert_matmul_close(out, x, packed, state, bias)
+
+
+def test_fp32_weights_are_exact(device):
+    packed, state = _quantized(64, 128, device, dtype=torch.float32)
+    x = torch.randn(5, 128, device=device)
+    _assert_matmul_close(nf4_matmul(x, packed, state), x, packed, state)
+
+
+def test_larger_blocksize(device):
+    packed, state = _quantized(48, 512, device, blocksize=256)
+    x = torch.randn(4, 512, device=device, dtype=torch.bfloat16)
+    _assert_matmul_close(nf4_matmul(x, packed, state), x, packed, state)
+
+
+def test_many_rows_and_odd_shapes_take_the_reference(device):
+    packed, state = _quantized(32, 64, device)
+    assert not supports(torch.randn(MAX_ROWS + 1, 64, device=device), packed, state)
+    odd_packed, odd_state = _quantized(16, 96, device, blocksize=64)  # 96 is not a multiple of the block size
+    x = torch.randn(2, 96, device=device)
+    assert not supports(x, odd_packed, odd_state)
+    torch.testing.assert_close(nf4_matmul(x, odd_packed, odd_state), nf4_matmul_ref(x, odd_packed, odd_state))
+
+
+def test_decode_kernels_keep_greedy_generation_identical(tiny_checkpoint, monkeypatch):
+    """Bound onto a tiny 4-bit model's linears, decode steps go through the kernel and greedy tokens are unchanged."""
+    import hf_fastvision.kernels.nf4_matmul as op
+    from hf_fastvision import FastVisionModel
+    from hf_fastvision.archs.tiny import sample_batch
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, decode_kernels_bound, unbind_decode_kernels
+
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), max_seq_length=256)
+    FastVisionModel.for_inference(model)
+    batch = sample_batch(processor, "qwen2_5_vl", 2, with_labels=False)
+    kwargs = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    ref = model.generate(**batch, **kwargs)
+    launches = []
+    real = op._launch
+    monkeypatch.setattr(op, "_launch", lambda *a: launches.append(a[0].shape[0]) or real(*a))
+    n = bind_decode_kernels(model)
+    assert n == decode_kernels_bound(model) > 0
+    out = model.generate(**batch, **kwargs)
+    assert launches and max(launches) <= op.MAX_ROWS  # decode steps (2 rows) ran the kernel; prefill did not
+    assert torch.equal(out, ref)
+    assert unbind_decode_kernels(model) == n and decode_kernels_bound(model) == 0
