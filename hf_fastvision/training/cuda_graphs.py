@@ -301,6 +301,9 @@ class GraphedLayers:
         """The layer's output through its graphs, or ``NotImplemented`` when this call must run eagerly."""
         if self.disabled or not (self.emulate or hidden.is_cuda):
             return NotImplemented
+        if _draws_random_numbers(layer):
+            # the forward graph and the recomputing backward graph would draw different dropout masks
+            return self._refuse(layer, "dropout is active while training")
         flat = _flatten_call(args, kwargs)
         if flat is None:
             return self._refuse(layer, "an argument type the graph cannot hold")
@@ -481,6 +484,20 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
+
+
+def _draws_random_numbers(layer: nn.Module) -> bool:
+    """Whether a training-mode call of `layer` uses dropout (modules, or attention dropout rates > 0)."""
+    for mod in layer.modules():
+        if not mod.training:
+            continue
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            return True
+        for attr in ("attention_dropout", "dropout", "dropout_p"):
+            value = mod.__dict__.get(attr)
+            if isinstance(value, float) and value > 0:
+                return True
+    return False
 
 
 def _trainable_slots(layer: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -147,3 +147,14 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, tiny_checkpoint):
         assert g_ref.keys() == g_got.keys()
         for n in g_ref:
             torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_dropout_keeps_layers_eager(tiny_checkpoint):
+    """A graphed forward and its graphed recompute would draw different dropout masks: such layers run eagerly."""
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), max_seq_length=256)
+    peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.1)
+    enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs="emulate")
+    batch = sample_batch(processor, "qwen2_5_vl", 2)
+    _train(peft_model, [batch] * 3)
+    stats = _graphs(peft_model.get_base_model()).stats
+    assert stats["captures"] == 0 and stats["replays"] == 0 and stats["refused"] > 0, stats
