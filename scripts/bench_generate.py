@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_qlora as bq  # noqa: E402  (config, checkpoint and batch helpers shared with the training benchmark)
 
 MODEL = "qwen2_5_vl_7b"
-SYSTEMS = ("generate", "generate_patched", "generate_static", "fast_generate")
+SYSTEMS = ("generate", "generate_patched", "generate_static", "fast_generate_bnb", "fast_generate")
 # generate:          transformers' generate, dynamic cache, the stock modules (for_inference suspends our kernels)
 # generate_patched:  the same with our training kernels bound (why for_inference suspends them)
 # generate_static:   transformers' generate with a static cache, eager (isolates what compiling changes)
-# fast_generate:     ours: static cache sized from max_seq_length, decode step compiled (Inductor + CUDA graphs)
+# fast_generate_bnb: fast_generate with bitsandbytes' own 4-bit matmul on decode steps (A/B of the nf4 kernel)
+# fast_generate:     ours: static cache sized from max_seq_length, decode step compiled (Inductor + CUDA graphs),
+#                    4-bit linears through the few-row nf4 kernel on decode steps
 GIB = 1024**3
 
 
@@ -99,7 +101,15 @@ def run_one(model, system: str, batch: dict[str, Any], n: int, repeats: int) -> 
     from hf_fastvision.patching import resume_patches, suspend_patches
 
     extra: dict[str, Any] = {}
-    gen = model.fast_generate if system == "fast_generate" else model.generate
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, unbind_decode_kernels
+
+    gen = model.fast_generate if system.startswith("fast_generate") else model.generate
+    # only `fast_generate` runs the nf4 decode kernel; every other system (baselines included) runs bitsandbytes
+    if system == "fast_generate":
+        bind_decode_kernels(model)
+    else:
+        unbind_decode_kernels(model)
+    torch._dynamo.reset()  # a compiled decode step must not be reused across kernel bindings
     if system == "generate_static":
         extra = {"cache_implementation": "static", "disable_compile": True}
         if _supports_max_cache_len():
