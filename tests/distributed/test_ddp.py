@@ -272,5 +272,48 @@ def test_fsdp_full_shard_qlora_on_gloo(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def _graphed_worker(folder: str, out: str) -> None:
+    """DDP over layers replayed as (emulated) CUDA graphs: three steps, so the third one replays."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from hf_fastvision.training.checkpointing import _STATE_ATTR, enable_checkpointing
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, processor = _build(folder)
+    enable_checkpointing(model.get_base_model(), "unsloth", cuda_graphs="emulate")
+    _, parts, n_items = _batches(processor)
+    ddp = DDP(model, find_unused_parameters=True)
+    for _ in range(3):
+        ddp.zero_grad(set_to_none=True)
+        (ddp(**parts[rank], num_items_in_batch=n_items).loss * WORLD).backward()
+    torch.save(_lora_grads(ddp), Path(out) / f"graphed_grads_rank{rank}.pt")
+    layer = next(m for m in model.modules() if _STATE_ATTR in m.__dict__)
+    stats = layer.__dict__[_STATE_ATTR].manager.graphs.stats
+    (Path(out) / f"graphed_stats_rank{rank}.json").write_text(json.dumps(stats))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_with_graphed_layers_matches_single_process(tiny_checkpoint, tmp_path):
+    folder = str(tiny_checkpoint(NAME))
+    procs = _launch(folder, tmp_path, "graphed")
+    model, processor = _build(folder)
+    full, _, n_items = _batches(processor)
+    model(**full, num_items_in_batch=n_items).loss.backward()
+    reference = _lora_grads(model)
+    _wait(procs, 240)
+    for r in range(WORLD):
+        stats = json.loads((tmp_path / f"graphed_stats_rank{r}.json").read_text())
+        assert stats["replays"] > 0 and stats["failures"] == 0, stats
+        grads = torch.load(tmp_path / f"graphed_grads_rank{r}.pt")
+        assert set(grads) == set(reference)
+        for name, ref in reference.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 if __name__ == "__main__":  # a worker, started by the tests above
-    {"ddp": _worker, "fsdp": _fsdp_worker}[sys.argv[3] if len(sys.argv) > 3 else "ddp"](sys.argv[1], sys.argv[2])
+    workers = {"ddp": _worker, "fsdp": _fsdp_worker, "graphed": _graphed_worker}
+    workers[sys.argv[3] if len(sys.argv) > 3 else "ddp"](sys.argv[1], sys.argv[2])
