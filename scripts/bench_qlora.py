@@ -16,7 +16,9 @@ attention and MLP projections of the vision and language layers (seeded), AdamW 
 otherwise), gradient checkpointing on, forward under bf16 autocast (as `Trainer(bf16=True)` does; `--autocast off`
 for a plain loop), batch built
 directly as tensors (one image per sample; text padded around the image tokens to exactly `seq` tokens;
-labels = input_ids with the image tokens masked). Step time: median of steps 3..N (wall clock, CUDA
+labels = input_ids with the image tokens masked). Load time: model + processor + LoRA set-up (every system
+loads its processor: ours and unsloth return one, the plain recipe calls AutoProcessor; before 2026-12-01 the hf
+and liger rows loaded no processor). Step time: median of steps 3..N (wall clock, CUDA
 synchronized). Peak memory: `torch.cuda.max_memory_allocated` over loading and the steps.
 
 On the GPU machine (which cannot download anything) begin with
@@ -768,6 +770,10 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
         device_map={"": 0} if device == "cuda" else "cpu",
     )
     model.config.use_cache = False
+    # the recipe loads the processor too (ours and unsloth return one): part of the timed load for every system
+    from transformers import AutoProcessor
+
+    AutoProcessor.from_pretrained(folder)
     # the common recipe: freeze, upcast the 16-bit weights to fp32; checkpointing enabled right below
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     gc_kwargs = {"use_reentrant": False}
