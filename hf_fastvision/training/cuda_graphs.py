@@ -46,6 +46,7 @@ __all__ = ["GraphedLayers", "host_values", "graphs_supported"]
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED = object()
+MAX_FAILURES = 3  # distinct (layer class, shape) capture failures after which a model stops trying
 _MAX_HOST_INTS = 4096  # 1-D int tensors up to this size are treated as host-known metadata (cu_seqlens)
 
 # Tensors whose values the host may read while a graph is being captured (the static cu_seqlens buffers).
@@ -278,7 +279,8 @@ class GraphedLayers:
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
         self._flush_pending = False
-        self.disabled = False  # set after a failed CUDA capture: the pool may be left mid-recording
+        self.disabled = False  # set after MAX_FAILURES distinct failed captures
+        self._bad: set[Any] = set()  # (layer class, shape signature) whose capture failed: eager for every layer
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -333,6 +335,10 @@ class GraphedLayers:
             self.stats["eager_calls"] += 1
             return NotImplemented
         if entry == "seen":
+            if (type(layer), key[:4]) in self._bad:
+                entries[key] = "bad"
+                self.stats["eager_calls"] += 1
+                return NotImplemented
             if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
                 self.stats["eager_calls"] += 1
                 return NotImplemented
@@ -344,6 +350,8 @@ class GraphedLayers:
                                   key[:4])
             if entry is None:
                 entries[key] = "bad"
+                self._bad.add((type(layer), key[:4]))
+                self.disabled = len(self._bad) >= MAX_FAILURES
                 self.stats["eager_calls"] += 1
                 return NotImplemented
             entries[key] = entry
@@ -476,7 +484,8 @@ class GraphedLayers:
             _log_once(f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.", logging.WARNING)
             if not self.emulate:
-                self.disabled = True
+                # a failed capture can leave its pool marked as recording: later captures get a fresh pool
+                self._pools.pop(device, None)
                 torch.cuda.synchronize(device)
             return None
         finally:

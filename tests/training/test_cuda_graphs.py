@@ -158,3 +158,48 @@ def test_dropout_keeps_layers_eager(tiny_checkpoint):
     _train(peft_model, [batch] * 3)
     stats = _graphs(peft_model.get_base_model()).stats
     assert stats["captures"] == 0 and stats["replays"] == 0 and stats["refused"] > 0, stats
+
+
+def _failing_capture(monkeypatch, failing: str) -> list[str]:
+    """Emulated captures raise (as a host sync inside a real capture does) for layers of class `failing`."""
+    import hf_fastvision.training.cuda_graphs as cg
+
+    real, real_capture, attempts = cg._EmulatedGraph.capture, cg.GraphedLayers._capture, []
+
+    def capture(self, fn):
+        if attempts and attempts[-1] == failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(self, fn)
+
+    def tracking(self, layer, *args, **kwargs):
+        attempts.append(type(layer).__name__)
+        return real_capture(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(cg._EmulatedGraph, "capture", capture)
+    monkeypatch.setattr(cg.GraphedLayers, "_capture", tracking)
+    return attempts
+
+
+def test_a_failed_capture_is_not_retried_by_layers_of_the_same_class_and_shape(monkeypatch):
+    attempts = _failing_capture(monkeypatch, "LlamaDecoderLayer")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}] * 3
+    ref_model, model = _llama(), _llama()
+    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    stats = _graphs(model).stats
+    assert attempts == ["LlamaDecoderLayer"] and stats["failures"] == 1 and stats["captures"] == 0, (attempts, stats)
+    for (l_ref, _), (l_got, _) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, monkeypatch):
+    attempts = _failing_capture(monkeypatch, "Qwen2_5_VLVisionBlock")
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), max_seq_length=256)
+    peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs="emulate")
+    _train(peft_model, [sample_batch(processor, "qwen2_5_vl", 2)] * 3, lr=0.01)
+    stats = _graphs(peft_model.get_base_model()).stats
+    assert stats["failures"] == attempts.count("Qwen2_5_VLVisionBlock") > 0, (attempts, stats)
+    assert stats["captures"] == attempts.count("Qwen2_5_VLDecoderLayer") > 0, (attempts, stats)
