@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed (issues 4 and 7), as commands that each fit the GPU machine's 10-minute limit and
+# bring back at most 8 files (more than 8 under $OUT are dropped). Run on the GPU machine from the repo root, with
+# the kit carried (`.devkit`), one part per call:
+#   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels (nf4_matmul never ran compiled) + real graphs
+#   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: ours, hf, unsloth at 2048 (same run)
+#   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
+#   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8 + bench_nf4_matmul
+set -uo pipefail
+mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+out=${OUT:-/tmp/gpu_plan_out}
+mkdir -p "$out"
+case "${1:-}" in
+  tests)
+    timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
+    cat "$out/gpu_tests.txt" ;;
+  llama)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours hf unsloth --steps 6 \
+      --budget 540 --out /tmp/llama > /dev/null 2>&1
+    cp /tmp/llama/results.md /tmp/llama/results.csv /tmp/llama/workers.log "$out/"
+    tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
+  qwen)
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth --steps 8 \
+      --budget 540 --out /tmp/qwen > /dev/null 2>&1
+    cp /tmp/qwen/results.md /tmp/qwen/results.csv /tmp/qwen/workers.log "$out/"
+    tail -6 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
+  generate)
+    timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20
+    timeout 420 python scripts/bench_generate.py --batches 1 8 --new-tokens 256 --repeats 2 \
+      --systems generate fast_generate_bnb fast_generate --out /tmp/gen 2>&1 | tail -15
+    cp /tmp/gen/*.md /tmp/gen/*.csv "$out/" 2>/dev/null ;;
+  *)
+    echo "usage: bash scripts/gpu_plan.sh tests|llama|qwen|generate" >&2; exit 2 ;;
+esac
