@@ -39,7 +39,10 @@ class VisionSFTCollator:
         train_on_responses_only: bool = True,
         model_config: Any = None,
         processor_kwargs: dict[str, Any] | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
+        """`pad_to_multiple_of`: right-pad every batch's length to a multiple (capped at `max_seq_length`), so
+        batches come in a few shapes and CUDA-graphed layers (which replay per shape) are reused."""
         self.processor = processor
         tok = tokenizer_of(processor)
         limit = max_seq_length if max_seq_length is not None else getattr(tok, "model_max_length", None)
@@ -47,6 +50,9 @@ class VisionSFTCollator:
         self.train_on_responses_only = train_on_responses_only
         self.masked_ids = special_image_token_ids(processor, model_config)
         self.processor_kwargs = dict(processor_kwargs or {})
+        if pad_to_multiple_of is not None and int(pad_to_multiple_of) <= 0:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = int(pad_to_multiple_of) if pad_to_multiple_of else None
 
     def _encode(self, texts: list[str], images: list[list[Any]]) -> Any:
         tok = tokenizer_of(self.processor)
@@ -100,7 +106,32 @@ class VisionSFTCollator:
         batch["labels"] = labels
         if self.max_seq_length is not None:
             batch = truncate_batch(batch, self.max_seq_length, self.masked_ids)
+        if self.pad_to_multiple_of:
+            batch = self._pad_to_multiple(batch)
         return batch
+
+    def _pad_to_multiple(self, batch: Any) -> Any:
+        n, length = batch["input_ids"].shape
+        step = self.pad_to_multiple_of
+        target = -(-length // step) * step
+        if self.max_seq_length is not None:
+            target = max(length, min(target, self.max_seq_length))
+        extra = target - length
+        if extra <= 0:
+            return batch
+        pad_id = tokenizer_of(self.processor).pad_token_id
+        fill = {"input_ids": pad_id if pad_id is not None else 0, "labels": IGNORE_INDEX}
+        for key in _PER_TOKEN_KEYS:
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (n, length):
+                pad = value.new_full((n, extra, *value.shape[2:]), fill.get(key, 0))
+                batch[key] = torch.cat([value, pad], dim=1)
+        return batch
+
+
+# Tensors with one entry per token (padded with the pad token, -100 for labels, 0 otherwise).
+_PER_TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids",
+                   "cross_attention_mask")
 
 
 def _pad_trailing_text_only_rows(batch: Any, images: list[list[Any]]) -> Any:

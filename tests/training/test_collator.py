@@ -63,3 +63,25 @@ def test_truncation_never_cuts_an_image(tiny_checkpoint):
     assert torch.equal(cut["input_ids"], full["input_ids"][:, :keep])
     with pytest.raises(ImageSpanTruncationError, match="max_image_size"):
         VisionSFTCollator(processor, max_seq_length=image_end - 1)(samples)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "gemma3"])
+def test_pad_to_multiple_of_keeps_the_loss(name, tiny_checkpoint):
+    """Right-padding to a multiple (fewer distinct shapes for CUDA graphs) changes no label and no loss."""
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)))
+    samples = [{"messages": c} for c in sample_messages(name, n=2)]
+    plain = VisionSFTCollator(processor, model_config=model.config)(samples)
+    padded = VisionSFTCollator(processor, model_config=model.config, pad_to_multiple_of=64)(samples)
+    length = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-length // 64) * 64
+    for key in plain:
+        if isinstance(plain[key], torch.Tensor) and plain[key].shape[:2] == plain["input_ids"].shape:
+            assert padded[key].shape[1] == padded["input_ids"].shape[1], key
+            torch.testing.assert_close(padded[key][:, :length], plain[key], msg=key)
+    assert (padded["labels"][:, length:] == -100).all() and (padded["attention_mask"][:, length:] == 0).all()
+    torch.testing.assert_close(model(**padded).loss, model(**plain).loss, rtol=1e-4, atol=1e-5)
+    capped = VisionSFTCollator(processor, model_config=model.config, pad_to_multiple_of=10**4,
+                               max_seq_length=length + 3)(samples)
+    assert capped["input_ids"].shape[1] == length + 3  # never past max_seq_length
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        VisionSFTCollator(processor, pad_to_multiple_of=0)
