@@ -63,7 +63,7 @@ class PatchOptions:
     lora: bool = True
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
-    """With offloaded checkpointing on CUDA, each layer's forward and backward replayed as CUDA graphs."""
+    """With activation checkpointing on CUDA, each layer's forward and recompute+backward replayed as CUDA graphs."""
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:

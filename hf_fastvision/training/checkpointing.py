@@ -415,7 +415,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     anchor = _anchor_for(self, args, kwargs)
 
     hidden, as_kwarg = None, None
-    if state.mode == _OFFLOAD:
+    if state.mode == _OFFLOAD or manager.graphs is not None:
         if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             hidden, args = args[0], args[1:]
         else:  # by keyword: `hidden_states`, or `hidden_state` (e.g. Mllama's vision layers on transformers 5.17)
@@ -425,15 +425,23 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
                     hidden, as_kwarg = kwargs.pop(name), name
                     break
 
+    offload = hidden is not None and state.mode == _OFFLOAD and hidden.is_cuda and torch.cuda.is_available()
+    if hidden is not None and manager.graphs is not None:
+        # plain mode keeps the input on the GPU (what torch's checkpoint keeps); offload mode moves it to the host
+        out = manager.graphs.run(self, inner, hidden, as_kwarg, args, kwargs, lambda h: _Box(h, manager, offload))
+        if out is not NotImplemented:
+            return out
+    if hidden is not None and state.mode != _OFFLOAD:  # graphs declined this call: plain checkpointing as before
+        if as_kwarg:
+            kwargs[as_kwarg] = hidden
+        else:
+            args = (hidden, *args)
+        hidden = None
+
     if hidden is None:  # plain mode, or nothing to offload
         run = functools.partial(_run_plain, inner, kwargs)
         return _torch_checkpoint(run, anchor, *args, use_reentrant=False)
 
-    offload = hidden.is_cuda and torch.cuda.is_available()
-    if manager.graphs is not None:
-        out = manager.graphs.run(self, inner, hidden, as_kwarg, args, kwargs, lambda h: _Box(h, manager, offload))
-        if out is not NotImplemented:
-            return out
     box = _Box(hidden, manager, offload)
     del hidden
     run = functools.partial(_run_offloaded, inner, box, kwargs, as_kwarg)
@@ -463,7 +471,7 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth", cuda_graphs: A
         mode: ``"unsloth"`` (checkpoint + offload layer inputs to pinned CPU memory on a side stream),
             ``True`` (plain non-reentrant checkpointing) or ``False`` (off, same as
             :func:`disable_checkpointing`).
-        cuda_graphs: in offload mode on CUDA, replay each layer's forward and backward as CUDA graphs
+        cuda_graphs: on CUDA, replay each layer's forward and recompute+backward as CUDA graphs
             (`cuda_graphs.py`): ``True``, ``False``, ``"emulate"`` (the same plumbing without CUDA, for tests) or
             ``None`` (the ``cuda_graphs`` patch flag the model was loaded with; off for other models).
 
@@ -520,7 +528,7 @@ def _graphs_for(model: nn.Module, mode: str, cuda_graphs: Any, current: Any) -> 
             base = getattr(model, "get_base_model", None)
             options = base().__dict__.get("_hffv_patch_options") if callable(base) else None
         cuda_graphs = bool(getattr(options, "cuda_graphs", False))
-    if mode != _OFFLOAD or not cuda_graphs:
+    if not cuda_graphs:
         return None
     emulate = cuda_graphs == "emulate"
     if not emulate and not graphs_supported():

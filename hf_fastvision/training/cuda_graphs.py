@@ -9,7 +9,7 @@ runs without autograd (input -> output), in backward it recomputes its forward a
 fixed shapes, so each is captured once as a CUDA graph and replayed: the host then issues one launch per layer
 and direction instead of hundreds.
 
-How (used by `checkpointing.py` in offload mode, ``patches={"cuda_graphs": ...}``):
+How (used by `checkpointing.py` in both modes, ``patches={"cuda_graphs": ...}``):
 
 - A layer call is keyed by everything the graph bakes in: shapes, dtypes, devices and ``requires_grad`` of its
   tensor arguments, non-tensor argument values, the values of small 1-D integer tensors (``cu_seqlens``: the
@@ -20,7 +20,8 @@ How (used by `checkpointing.py` in offload mode, ``patches={"cuda_graphs": ...}`
   from then on, with one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
 - All graphs of a model share one memory pool and static input buffers: layers run one after another and every
   graph's outputs are copied out right after its replay, so their temporaries may overlap.
-- The layer input is offloaded to pinned host memory exactly as in the eager offload mode (`_Box`).
+- The layer input is offloaded to pinned host memory exactly as in the eager offload mode (`_Box`); in plain
+  mode it stays on the GPU, as torch's checkpoint keeps it.
 - Exactness: the replayed kernels are the eager kernels on the same inputs; autocast runs without its weight
   cache inside graphs, so the graphs always read the current (optimizer-updated) weights.
 

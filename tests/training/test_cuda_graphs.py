@@ -104,16 +104,23 @@ def test_host_values_serve_small_int_tensors_without_repeat_syncs():
     assert host_values(cu) == [0, 3, 8]
 
 
-def test_disable_checkpointing_drops_graphs_and_training_still_matches():
+def test_plain_checkpointing_graphs_too_and_disable_drops_them():
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
-    model = _llama()
-    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
-    _train(model, [{"input_ids": ids, "labels": ids}] * 2)
+    batches = [{"input_ids": ids, "labels": ids}] * 3
+    ref_model, model = _llama(), _llama()
+    enable_checkpointing(ref_model, True, cuda_graphs=False)
+    enable_checkpointing(model, True, cuda_graphs="emulate")  # plain mode: the input stays where it is
+    for (l_ref, g_ref), (l_got, g_got) in zip(_train(ref_model, batches), _train(model, batches)):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+        for n in g_ref:
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert _graphs(model).stats["replays"] == 6, _graphs(model).stats  # steps 2 and 3, 3 layers
     disable_checkpointing(model)
-    enable_checkpointing(model, True, cuda_graphs="emulate")  # plain mode never graphs
     from hf_fastvision.training.checkpointing import _STATE_ATTR
 
-    assert all(m.__dict__[_STATE_ATTR].manager.graphs is None for m in model.modules() if _STATE_ATTR in m.__dict__)
+    assert not any(_STATE_ATTR in m.__dict__ for m in model.modules())
+    enable_checkpointing(model, True, cuda_graphs=False)
+    assert _graphs(model) is None
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava"])
