@@ -33,8 +33,9 @@ def _train(model, batch, steps=5, lr=1e-2):
     return losses, grads
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl", "mllama", "gemma3", "idefics3"])
-def test_graphed_qlora_equals_eager(name, tiny_checkpoint):
+@pytest.mark.parametrize("name,mode", [("qwen2_5_vl", "unsloth"), ("qwen3_vl", "unsloth"), ("mllama", "unsloth"),
+                                       ("gemma3", "unsloth"), ("idefics3", "unsloth"), ("qwen2_5_vl", True)])
+def test_graphed_qlora_equals_eager(name, mode, tiny_checkpoint):
     from hf_fastvision import FastVisionModel
     from hf_fastvision.archs.tiny import missing_dependencies, sample_batch
     from hf_fastvision.training.checkpointing import enable_checkpointing
@@ -51,7 +52,7 @@ def test_graphed_qlora_equals_eager(name, tiny_checkpoint):
                 if "lora_B" in pname:
                     g = torch.Generator().manual_seed(len(pname))
                     param.copy_(torch.randn(param.shape, generator=g).to(param.device) * 0.2)
-        enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs=graphs)
+        enable_checkpointing(peft_model.get_base_model(), mode, cuda_graphs=graphs)
         batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in sample_batch(processor, name, 2).items()}
         runs.append(_train(peft_model, batch))
         if graphs:
