@@ -38,7 +38,14 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hf_fastvision.archs.tiny._base import (  # noqa: F401
+from hf_fastvision.archs.tiny._base import (  # noqa: F401  (the sizes are public: tests read them)
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    INTERMEDIATE,
+    KV_HEADS,
+    LAYERS,
+    MAX_POS,
     _Recipe,
     _build_tokenizer,
     _chat_template,
