@@ -2,14 +2,14 @@
 has at most ``MAX_ROWS`` rows (a decode step of a batch of up to 16), and their own forward otherwise.
 
 Bound per instance by `enable_fast_inference` (on CUDA) and removed by `disable_fast_inference`; the previous
-instance forward (if any) is kept and called for every other input. If the kernel cannot run on this machine
-(e.g. a Triton too old to compile it), the first failure switches it off for the process with one warning and the
-layers fall back to bitsandbytes.
+instance forward (if any) is kept and called for every other input. The weight-side arguments are computed when
+binding, so the forward that `torch.compile` traces in the decode step holds only shape checks and one custom op.
+If the kernel cannot run on this machine (e.g. a Triton too old to compile it), the op falls back to dequantize +
+matmul from the same tensors, with one warning.
 """
 
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any
 
@@ -18,10 +18,9 @@ from torch import nn
 
 __all__ = ["bind_decode_kernels", "unbind_decode_kernels", "decode_kernels_bound"]
 
-logger = logging.getLogger(__name__)
-
 _PREV = "_hffv_decode_prev_forward"
-_BROKEN: dict[str, str] = {}
+_ARGS = "_hffv_nf4_args"
+_COMPUTE = "_hffv_nf4_compute_dtype"
 
 
 def _is_linear4bit(module: nn.Module) -> bool:
@@ -35,33 +34,45 @@ def _previous(module: nn.Module) -> Any:
 
 
 def _decode_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    from hf_fastvision.kernels.nf4_matmul import nf4_matmul, supports
+    # traced by torch.compile in the decode step: shape checks only (static there), everything else was decided
+    # when binding; a kernel failure is handled inside the op
+    from hf_fastvision.kernels.nf4_matmul import MAX_ROWS, nf4_matmul_with
 
-    weight = self.weight
-    state = getattr(weight, "quant_state", None)
-    if args or kwargs or self.training or _BROKEN or state is None or not isinstance(x, torch.Tensor):
+    layer_args = getattr(self, _ARGS)
+    if args or kwargs or self.training or x.dim() == 0 or x.shape[-1] != layer_args[7]:
         return _previous(self)(x, *args, **kwargs)
-    compute = getattr(self, "compute_dtype", None) or x.dtype
-    xc = x.to(compute)
-    if not supports(xc, weight, state):
+    if x.numel() // x.shape[-1] > MAX_ROWS:
         return _previous(self)(x, *args, **kwargs)
-    try:
-        out = nf4_matmul(xc, weight, state, self.bias)
-    except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here must not break generation
-        _BROKEN["reason"] = f"{type(exc).__name__}: {exc}"[:300]
-        logger.warning("nf4 decode kernel disabled (%s); bitsandbytes' matmul is used instead", _BROKEN["reason"])
-        return _previous(self)(x, *args, **kwargs)
-    return out.to(x.dtype)
+    compute = getattr(self, _COMPUTE) or x.dtype
+    return nf4_matmul_with(x.to(compute), layer_args, self.bias).to(x.dtype)
 
 
-def bind_decode_kernels(model: nn.Module) -> int:
-    """Bind the few-row kernel onto every bitsandbytes 4-bit linear of `model`; returns how many. Idempotent."""
+def bind_decode_kernels(model: nn.Module, force: bool = False) -> int:
+    """Bind the few-row kernel onto every bitsandbytes 4-bit linear of `model` whose weight it can take; returns
+    how many. Idempotent. Needs Triton and CUDA weights (``force=True``: any device, for tests under the Triton
+    interpreter)."""
+    from hf_fastvision.kernels._utils import HAS_TRITON
+    from hf_fastvision.kernels.nf4_matmul import layer_args
+
+    if not HAS_TRITON:
+        return 0
     count = 0
     for module in model.modules():
-        if _is_linear4bit(module) and _PREV not in module.__dict__:
-            module.__dict__[_PREV] = module.__dict__.get("forward")
-            module.forward = types.MethodType(_decode_forward, module)
-            count += 1
+        if not _is_linear4bit(module) or _PREV in module.__dict__:
+            continue
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is None or (not weight.is_cuda and not force):
+            continue
+        args = layer_args(weight, state)
+        if args is None:
+            continue
+        compute = getattr(module, "compute_dtype", None) or state.dtype
+        module.__dict__[_ARGS] = args
+        module.__dict__[_COMPUTE] = compute
+        module.__dict__[_PREV] = module.__dict__.get("forward")
+        module.forward = types.MethodType(_decode_forward, module)
+        count += 1
     return count
 
 
@@ -70,6 +81,8 @@ def unbind_decode_kernels(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if _PREV in module.__dict__:
+            module.__dict__.pop(_ARGS, None)
+            module.__dict__.pop(_COMPUTE, None)
             prev = module.__dict__.pop(_PREV)
             if prev is None:
                 module.__dict__.pop("forward", None)

@@ -98,14 +98,42 @@ def _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocks
     return out
 
 
+def _dequantize_torch(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, nested, rounding,
+                      dtype):
+    """The kernel's dequantization in plain torch, from the same arguments (the fallback inside the op)."""
+    flat = packed.reshape(-1).to(torch.int32)
+    vals = torch.stack([code[flat >> 4], code[flat & 15]], dim=-1).reshape(-1, blocksize)
+    if nested:
+        scale = code2[absmax.to(torch.int64)] * absmax2.repeat_interleave(blocksize2)[: absmax.numel()] + offset
+    else:
+        scale = absmax
+    w = (vals * scale[:, None]).reshape(n, k)
+    w = w.to({1: torch.bfloat16, 2: torch.float16}.get(rounding, torch.float32))
+    return w.to(dtype)
+
+
+_FAILED: dict[str, str] = {}
+
+
 @torch.library.custom_op("hf_fastvision::nf4_matmul", mutates_args=())
 def _nf4_matmul_op(
     x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor,
     code2: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, blocksize: int,
     blocksize2: int, nested: bool, rounding: int,
 ) -> torch.Tensor:
-    return _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2, nested,
-                   rounding)
+    if not _FAILED and use_triton(x2):
+        try:
+            return _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2,
+                           nested, rounding)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Triton too old to compile it: fall back, once, loudly
+            import logging
+
+            _FAILED["reason"] = f"{type(exc).__name__}: {exc}"[:300]
+            logging.getLogger(__name__).warning("nf4_matmul kernel disabled (%s); dequantize + matmul instead",
+                                                _FAILED["reason"])
+    w = _dequantize_torch(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, nested,
+                          rounding, x2.dtype)
+    return torch.nn.functional.linear(x2, w, bias)
 
 
 @_nf4_matmul_op.register_fake
@@ -114,6 +142,44 @@ def _(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, b
 
 
 _ROUNDING = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def layer_args(weight: torch.Tensor, quant_state) -> tuple | None:
+    """The op's weight-side arguments for one bnb 4-bit weight, or None when the kernel cannot take it.
+
+    Computed once per layer (by `inference/decode_kernels.py` when it binds), so the traced decode step only
+    passes tensors: no attribute lookups, host syncs or allocations per call.
+    """
+    qs = quant_state
+    shape = getattr(qs, "shape", None)
+    blocksize = int(getattr(qs, "blocksize", 0) or 0)
+    if (
+        shape is None or len(shape) != 2 or weight.dtype != torch.uint8 or getattr(qs, "code", None) is None
+        or qs.code.numel() != 16 or blocksize < 16 or blocksize & (blocksize - 1) or shape[1] % blocksize
+    ):
+        return None
+    n, k = int(shape[0]), int(shape[1])
+    code = qs.code.float()
+    if qs.nested:  # the offset stays a tensor: no host sync (decode steps run inside CUDA graphs)
+        absmax, absmax2, code2 = qs.absmax, qs.state2.absmax.float(), qs.state2.code.float()
+        blocksize2 = int(qs.state2.blocksize)
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=code.device).reshape(1)
+    else:
+        absmax, absmax2, code2, blocksize2, offset = qs.absmax.float(), code, code, 1, code
+    return (weight.data.reshape(-1), absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2,
+            bool(qs.nested), _ROUNDING.get(qs.dtype, 0))
+
+
+def nf4_matmul_with(x: torch.Tensor, args: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_matmul` with precomputed `layer_args` (what a bound layer calls on every decode step)."""
+    packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, nested, rounding = args
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    b = bias.to(x.dtype) if bias is not None else None
+    out = _nf4_matmul_op(x2, packed, absmax, code, absmax2, code2, offset, b, n, k, blocksize, blocksize2, nested,
+                         rounding)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, quant_state) -> bool:
@@ -125,10 +191,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, quant_state) -> bool:
         and use_triton(x)
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and shape is not None and len(shape) == 2 and x.shape[-1] == shape[1]
-        and weight.dtype == torch.uint8
-        and quant_state.code is not None and quant_state.code.numel() == 16
-        and quant_state.blocksize >= 16 and quant_state.blocksize & (quant_state.blocksize - 1) == 0
-        and shape[1] % quant_state.blocksize == 0
+        and layer_args(weight, quant_state) is not None
     )
 
 
@@ -136,22 +199,4 @@ def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.T
     """``F.linear(x, dequantize(W), bias)`` in ``x``'s dtype (see the module docstring)."""
     if not supports(x, weight, quant_state):
         return nf4_matmul_ref(x, weight, quant_state, bias)
-    n, k = quant_state.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    qs = quant_state
-    code = qs.code.float()
-    if qs.nested:  # the offset stays a tensor: no host sync (decode steps run inside CUDA graphs)
-        absmax, absmax2, code2, blocksize2 = qs.absmax, qs.state2.absmax.float(), qs.state2.code.float(), int(qs.state2.blocksize)
-        offset = getattr(qs, "_hffv_offset", None)
-        if offset is None or offset.device != x.device:
-            offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=x.device).reshape(1)
-            qs._hffv_offset = offset
-    else:
-        absmax, absmax2, code2, blocksize2 = qs.absmax.float(), code, code, 1
-        offset = code
-    b = bias.to(x.dtype) if bias is not None else None
-    out = _nf4_matmul_op(x2, weight.data.reshape(-1), absmax, code, absmax2, code2, offset, b, n, k,
-                         int(qs.blocksize), blocksize2, bool(qs.nested), _ROUNDING.get(qs.dtype, 0))
-    return out.reshape(*x.shape[:-1], n)
+    return nf4_matmul_with(x, layer_args(weight, quant_state), bias)

@@ -47,6 +47,30 @@ def test_dtypes_bias_and_batch_shape(dtype, device):
     _assert_matmul_close(out, x, packed, state, bias)
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_torch_fallback_dequantizes_like_bitsandbytes(nested, device):
+    from hf_fastvision.kernels.nf4_matmul import _dequantize_torch, layer_args
+
+    packed, state = _quantized(48, 128, device, nested=nested)
+    args = layer_args(packed, state)
+    w = _dequantize_torch(*args, torch.float32)
+    torch.testing.assert_close(w, bnbf.dequantize_4bit(packed, state).float(), rtol=0, atol=0)
+
+
+def test_a_kernel_failure_falls_back_to_dequantize_and_matmul(device, monkeypatch):
+    import hf_fastvision.kernels.nf4_matmul as op
+
+    def broken(*args):
+        raise RuntimeError("triton cannot compile this here")
+
+    monkeypatch.setattr(op, "_launch", broken)
+    monkeypatch.setattr(op, "_FAILED", {})
+    packed, state = _quantized(64, 128, device)
+    x = torch.randn(3, 128, device=device, dtype=torch.bfloat16)
+    _assert_matmul_close(nf4_matmul(x, packed, state), x, packed, state)
+    assert "cannot compile" in op._FAILED["reason"]
+
+
 def test_fp32_weights_are_exact(device):
     packed, state = _quantized(64, 128, device, dtype=torch.float32)
     x = torch.randn(5, 128, device=device)
@@ -83,9 +107,28 @@ def test_decode_kernels_keep_greedy_generation_identical(tiny_checkpoint, monkey
     launches = []
     real = op._launch
     monkeypatch.setattr(op, "_launch", lambda *a: launches.append(a[0].shape[0]) or real(*a))
-    n = bind_decode_kernels(model)
+    assert bind_decode_kernels(model) == 0  # CPU weights: nothing to do outside tests
+    n = bind_decode_kernels(model, force=True)
     assert n == decode_kernels_bound(model) > 0
     out = model.generate(**batch, **kwargs)
     assert launches and max(launches) <= op.MAX_ROWS  # decode steps (2 rows) ran the kernel; prefill did not
     assert torch.equal(out, ref)
     assert unbind_decode_kernels(model) == n and decode_kernels_bound(model) == 0
+
+
+def test_bound_layer_traces_into_one_graph(device):
+    """The decode step is compiled with fullgraph=True by transformers: the bound forward must not graph-break."""
+    import bitsandbytes as bnb
+
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict(torch.nn.Linear(128, 64).state_dict())
+    layer = layer.to(device)  # quantizes (CPU and CUDA backends of bitsandbytes)
+    layer.eval()
+    x = torch.randn(4, 128, device=device, dtype=torch.bfloat16)
+    expected = layer(x)  # bitsandbytes' own forward
+    assert bind_decode_kernels(layer, force=True) == 1
+    compiled = torch.compile(lambda t: layer(t), fullgraph=True, backend="eager")
+    out = compiled(x)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
