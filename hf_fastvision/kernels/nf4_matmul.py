@@ -182,21 +182,24 @@ def nf4_matmul_with(x: torch.Tensor, args: tuple, bias: torch.Tensor | None = No
     return out.reshape(*x.shape[:-1], n)
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, quant_state) -> bool:
-    """Whether the kernel computes this call: few rows, a plain 2-D bnb 4-bit weight, a half or fp32 input."""
+def _call_args(x: torch.Tensor, weight: torch.Tensor, quant_state) -> tuple | None:
+    """`layer_args` when the kernel computes this call (few rows, a half or fp32 input), else None."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     shape = getattr(quant_state, "shape", None)
-    return (
-        0 < rows <= MAX_ROWS
-        and use_triton(x)
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and shape is not None and len(shape) == 2 and x.shape[-1] == shape[1]
-        and layer_args(weight, quant_state) is not None
-    )
+    if not (0 < rows <= MAX_ROWS and use_triton(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and shape is not None and len(shape) == 2 and x.shape[-1] == shape[1]):
+        return None
+    return layer_args(weight, quant_state)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, quant_state) -> bool:
+    """Whether the kernel computes this call: few rows, a plain 2-D bnb 4-bit weight, a half or fp32 input."""
+    return _call_args(x, weight, quant_state) is not None
 
 
 def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
     """``F.linear(x, dequantize(W), bias)`` in ``x``'s dtype (see the module docstring)."""
-    if not supports(x, weight, quant_state):
+    args = _call_args(x, weight, quant_state)
+    if args is None:
         return nf4_matmul_ref(x, weight, quant_state, bias)
-    return nf4_matmul_with(x, layer_args(weight, quant_state), bias)
+    return nf4_matmul_with(x, args, bias)

@@ -276,6 +276,15 @@ class _Box:
         self.prefetched = (dst, event, compute)
         self.manager.stats["prefetches"] += 1
 
+    def restore(self) -> torch.Tensor:
+        """`fetch` for this layer's backward, starting the previous layer's prefetch (its H2D overlaps this layer's
+        recompute and backward)."""
+        hidden = self.fetch()
+        prev = self.prev() if self.prev is not None else None
+        if prev is not None:
+            prev.prefetch()
+        return hidden
+
     def fetch(self) -> torch.Tensor:
         """The input for recomputation: a fresh leaf on the original device with the original requires_grad."""
         self.fetches += 1
@@ -372,10 +381,7 @@ def _run_offloaded(inner: Callable, box: _Box, kwargs: dict, as_kwarg: str | Non
         hidden = box.live
     else:  # recomputation during backward
         box.manager.stats["recomputes"] += 1
-        hidden = box.fetch()
-        prev = box.prev() if box.prev is not None else None
-        if prev is not None:
-            prev.prefetch()  # overlap the previous layer's H2D with this layer's recompute + backward
+        hidden = box.restore()
     if as_kwarg:
         return inner(*args, **{as_kwarg: hidden}, **kwargs)
     return inner(hidden, *args, **kwargs)

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_fastvision.training.checkpointing import _log_once
+
 __all__ = ["GraphedLayers", "host_values", "graphs_supported"]
 
 logger = logging.getLogger(__name__)
@@ -86,12 +88,15 @@ def graphs_supported() -> bool:
 # --------------------------------------------------------------------------------------------------------
 # Flattening a layer call: tensors become static-buffer slots, everything else goes into the key.
 # --------------------------------------------------------------------------------------------------------
-def _leaf_key(value: Any, tensors: list[torch.Tensor]) -> Any:
+def _leaf_key(value: Any, tensors: list[tuple[torch.Tensor, tuple[int, ...] | None]]) -> Any:
+    """Key of one argument; its tensors are appended to `tensors` with their host values (small int tensors)."""
     if isinstance(value, torch.Tensor):
-        tensors.append(value)
         meta = (value.shape, value.dtype, value.device, value.requires_grad)
         if not value.is_floating_point() and value.dim() <= 1 and value.numel() <= _MAX_HOST_INTS:
-            return ("host", meta, _cached_host(value))
+            values = _cached_host(value)
+            tensors.append((value, values))
+            return ("host", meta, values)
+        tensors.append((value, None))
         return ("t", meta, value.stride())
     if value is None or isinstance(value, (bool, int, float, str)):
         return ("v", type(value).__name__, value)
@@ -113,8 +118,9 @@ def _rebuild(value: Any, tensors: list[torch.Tensor], pos: list[int]) -> Any:
     return value
 
 
-def _flatten_call(args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]] | None:
-    tensors: list[torch.Tensor] = []
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[Any, list[tuple[torch.Tensor, Any]]] | None:
+    """(key, [(tensor, host values or None), ...]) of a layer call, or None when an argument cannot be keyed."""
+    tensors: list[tuple[torch.Tensor, Any]] = []
     key = (
         tuple(_leaf_key(a, tensors) for a in args),
         tuple((k, _leaf_key(kwargs[k], tensors)) for k in sorted(kwargs)),
@@ -127,14 +133,6 @@ def _flatten_call(args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]] |
 # --------------------------------------------------------------------------------------------------------
 # Graph backends: CUDA graphs, and an emulation for CPU tests.
 # --------------------------------------------------------------------------------------------------------
-def _copy_into(dst: Any, src: Any) -> None:
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
-
-
 class _CudaGraph:
     """One captured function; outputs live in the shared pool and are valid until its next replay."""
 
@@ -183,7 +181,7 @@ class _EmulatedGraph:
         self.outputs = fn()
 
     def replay(self) -> Any:
-        _copy_into(self.outputs, self.fn())
+        self.fn()  # the captured functions write into the same static buffers they returned at capture
         return self.outputs
 
 
@@ -241,17 +239,13 @@ class _GraphedLayerFunction(torch.autograd.Function):
         entry.load(hidden, extras)
         out = entry.fwd.replay().clone()
         ctx.entry, ctx.box, ctx.extras = entry, box, extras
-        ctx.n_inputs = 1 + len(rest)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         entry: _Entry = ctx.entry
         box = ctx.box
-        hidden = box.fetch()
-        prev = box.prev() if box.prev is not None else None
-        if prev is not None:
-            prev.prefetch()
+        hidden = box.restore()
         entry.load(hidden, ctx.extras, grad_out.to(entry.static[-1].dtype))
         grads = entry.bwd.replay()
         copies = [g.clone() if g is not None else None for g in grads]
@@ -304,13 +298,11 @@ class GraphedLayers:
         """The layer's output through its graphs, or ``NotImplemented`` when this call must run eagerly."""
         if self.disabled or not (self.emulate or hidden.is_cuda):
             return NotImplemented
-        if _draws_random_numbers(layer):
-            # the forward graph and the recomputing backward graph would draw different dropout masks
-            return self._refuse(layer, "dropout is active while training")
         flat = _flatten_call(args, kwargs)
         if flat is None:
             return self._refuse(layer, "an argument type the graph cannot hold")
-        call_key, extras = flat
+        call_key, leaves = flat
+        extras = [t for t, _ in leaves]
         params = [p for p in layer.parameters()]
         device = hidden.device
         if not self.emulate and any(p.device != device or type(p).__name__ == "DTensor" or p._base is not None
@@ -340,6 +332,10 @@ class GraphedLayers:
                 entries[key] = "bad"
                 self.stats["eager_calls"] += 1
                 return NotImplemented
+            if _draws_random_numbers(layer):
+                # the forward graph and the recomputing backward graph would draw different dropout masks
+                entries[key] = "bad"
+                return self._refuse(layer, "dropout is active while training")
             if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
                 self.stats["eager_calls"] += 1
                 return NotImplemented
@@ -347,8 +343,7 @@ class GraphedLayers:
                 # a capture round starts: return the blocks the eager steps left cached, so the graphs' pool
                 # grows into them instead of beside them (lower reserved peak)
                 torch.cuda.empty_cache()
-            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast,
-                                  key[:4])
+            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key[:4])
             if entry is None:
                 entries[key] = "bad"
                 self._bad.add((type(layer), key[:4]))
@@ -368,18 +363,10 @@ class GraphedLayers:
         finally:
             box.forward_done()
 
-    def clear(self) -> None:
-        """Drop every captured graph (their memory returns to the caching allocator)."""
-        self._layers = weakref.WeakKeyDictionary()
-        for buf in self._buffers.values():
-            _forget(buf)
-        self._buffers.clear()
-        self._pools.clear()
-
     # ---- internals ----
     def _refuse(self, layer: nn.Module, why: str) -> Any:
         self.stats["refused"] += 1
-        _log_once(f"CUDA graphs: {type(layer).__name__} runs eagerly ({why}).")
+        _log_once(logging.INFO, f"CUDA graphs: {type(layer).__name__} runs eagerly ({why}).")
         return NotImplemented
 
     def _buffer(self, slot: Any, like: torch.Tensor) -> torch.Tensor:
@@ -400,8 +387,8 @@ class GraphedLayers:
             self._streams[device] = torch.cuda.Stream(device=device)
         return _CudaGraph(device, self._pools[device], self._streams[device])
 
-    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, call_key, extras, params, autocast,
-                 key_signature):
+    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key_signature):
+        extras = [t for t, _ in leaves]
         entry = _Entry()
         device = hidden.device
         static_hidden = self._buffer(0, hidden)
@@ -411,11 +398,7 @@ class GraphedLayers:
         entry.diff_extra = [i for i, t in enumerate(extras) if t.requires_grad and t.is_floating_point()]
         param_slots = _trainable_slots(layer)
         entry.params = [mod._parameters[name] for mod, name in param_slots]
-        entry.host_known = [
-            (static_extras[i], t_key[2])
-            for i, t_key in enumerate(_host_leaves(call_key))
-            if t_key is not None
-        ]
+        entry.host_known = [(buf, values) for buf, (_, values) in zip(static_extras, leaves) if values is not None]
         enabled, dtype = autocast
 
         def call(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -482,8 +465,8 @@ class GraphedLayers:
         except Exception as exc:  # a host sync or another uncapturable op inside the layer
             self.stats["failures"] += 1
             self.last_failure = f"{type(layer).__name__}: {type(exc).__name__}: {exc}"
-            _log_once(f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.", logging.WARNING)
+            _log_once(logging.WARNING, f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.")
             if not self.emulate:
                 # a failed capture can leave its pool marked as recording: later captures get a fresh pool
                 self._pools.pop(device, None)
@@ -540,25 +523,6 @@ class _swapped_params:
         self.saved = []
 
 
-def _host_leaves(call_key: Any) -> list[Any]:
-    """The tensor leaf keys of a flattened call, in tensor order (host-known ones carry their values)."""
-    out: list[Any] = []
-
-    def walk(k: Any) -> None:
-        if isinstance(k, tuple) and k and k[0] in ("t", "host") and len(k) == 3 and isinstance(k[1], tuple):
-            out.append(k if k[0] == "host" else None)
-        elif isinstance(k, tuple) and k and k[0] == "s":
-            for item in k[2]:
-                walk(item)
-
-    args_key, kwargs_key = call_key
-    for item in args_key:
-        walk(item)
-    for _, item in kwargs_key:
-        walk(item)
-    return out
-
-
 def _register_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
     for t, values in pairs:
         _HOST_KNOWN[id(t)] = (t, values)
@@ -567,12 +531,3 @@ def _register_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> N
 def _unregister_host_known(pairs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
     for t, _ in pairs:
         _HOST_KNOWN.pop(id(t), None)
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str, level: int = logging.INFO) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.log(level, message)
