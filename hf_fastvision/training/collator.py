@@ -121,17 +121,11 @@ class VisionSFTCollator:
             return batch
         pad_id = tokenizer_of(self.processor).pad_token_id
         fill = {"input_ids": pad_id if pad_id is not None else 0, "labels": IGNORE_INDEX}
-        for key in _PER_TOKEN_KEYS:
-            value = batch.get(key)
+        for key, value in list(batch.items()):  # every per-token tensor: [batch, tokens, ...]
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (n, length):
                 pad = value.new_full((n, extra, *value.shape[2:]), fill.get(key, 0))
                 batch[key] = torch.cat([value, pad], dim=1)
         return batch
-
-
-# Tensors with one entry per token (padded with the pad token, -100 for labels, 0 otherwise).
-_PER_TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids",
-                   "cross_attention_mask")
 
 
 def _pad_trailing_text_only_rows(batch: Any, images: list[list[Any]]) -> Any:
