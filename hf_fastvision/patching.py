@@ -249,10 +249,12 @@ def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> An
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit
+    from hf_fastvision.quantization import canonical_4bit
 
     name = self.active_adapters[0]
     base = self.get_base_layer()
     fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter; the module keeps it
+    canonical_4bit(base.weight)  # a CPU inference forward leaves it in bitsandbytes' CPU GEMV layout
     return lora_linear_4bit(x, base.weight, base.weight.quant_state, self.lora_A[name].weight,
                             self.lora_B[name].weight, self.scaling[name], base.bias)
 

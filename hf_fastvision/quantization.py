@@ -175,3 +175,19 @@ def estimate_memory(model: nn.Module, plan: QuantPlan, dtype_bytes: int = 2) -> 
                 other += n * dtype_bytes
     gib = 1024**3
     return {"quantized_gib": q_bytes / gib, "16bit_gib": other / gib, "total_gib": (q_bytes + other) / gib}
+
+
+def canonical_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """Give a bitsandbytes 4-bit weight back its canonical packing, in place; returns it.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight on its first eval-mode forward on an AVX512-BF16 CPU into a
+    layout that only its CPU GEMV reads (``quant_state.packing_format_for_cpu``). ``dequantize_4bit`` and our
+    kernels read the canonical layout, so whatever dequantizes a weight calls this first (bitsandbytes does the
+    same before saving or moving to CUDA; its next CPU forward repacks again). The inverse is bitsandbytes' own
+    and not exact: the repacking stored the block scales in bf16."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return weight

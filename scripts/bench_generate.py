@@ -38,13 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_qlora as bq  # noqa: E402  (config, checkpoint and batch helpers shared with the training benchmark)
 
 MODEL = "qwen2_5_vl_7b"
-SYSTEMS = ("generate", "generate_patched", "generate_static", "fast_generate_bnb", "fast_generate")
-# generate:          transformers' generate, dynamic cache, the stock modules (for_inference suspends our kernels)
-# generate_patched:  the same with our training kernels bound (why for_inference suspends them)
-# generate_static:   transformers' generate with a static cache, eager (isolates what compiling changes)
-# fast_generate_bnb: fast_generate with bitsandbytes' own 4-bit matmul on decode steps (A/B of the nf4 kernel)
-# fast_generate:     ours: static cache sized from max_seq_length, decode step compiled (Inductor + CUDA graphs),
-#                    4-bit linears through the few-row nf4 kernel on decode steps
+SYSTEMS = ("generate", "generate_patched", "generate_static", "fast_generate_4bit", "fast_generate_nf4",
+           "fast_generate")
+# generate:           transformers' generate, dynamic cache, the stock modules (for_inference suspends our kernels)
+# generate_patched:   the same with our training kernels bound (why for_inference suspends them)
+# generate_static:    transformers' generate with a static cache, eager (isolates what compiling changes)
+# fast_generate_4bit: fast_generate decoding from the 4-bit weights (bitsandbytes' own matmul): decode_weights="4bit"
+# fast_generate_nf4:  the same with the few-row nf4 Triton kernel on decode steps (decode_kernel=True, opt-in)
+# fast_generate:      ours as shipped: static cache sized from max_seq_length, decode step compiled (Inductor + CUDA
+#                     graphs), decode_weights="auto" (a 16-bit decode copy of the language linears when it fits in
+#                     gpu_memory_utilization; its memory is in the peak column)
+# The baselines run with no decode copy and no kernel bound.
+DECODE = {"fast_generate": dict(decode_weights="auto", decode_kernel=False),
+          "fast_generate_nf4": dict(decode_weights="4bit", decode_kernel=True)}
 GIB = 1024**3
 
 
@@ -101,21 +107,24 @@ def run_one(model, system: str, batch: dict[str, Any], n: int, repeats: int) -> 
     from hf_fastvision.patching import resume_patches, suspend_patches
 
     extra: dict[str, Any] = {}
-    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, unbind_decode_kernels
+    from hf_fastvision.inference import enable_fast_inference
 
     gen = model.fast_generate if system.startswith("fast_generate") else model.generate
-    # only `fast_generate` runs the nf4 decode kernel; every other system (baselines included) runs bitsandbytes
-    if system == "fast_generate":
-        bind_decode_kernels(model)
-    else:
-        unbind_decode_kernels(model)
+    # the decode copy and the kernel are bound on the modules, so they would serve `generate` too: only the
+    # fast_generate systems that ask for them get them
+    enable_fast_inference(model, **DECODE.get(system, dict(decode_weights="4bit", decode_kernel=False)))
+    torch.cuda.empty_cache()
+    st = fast_inference_state(model)
+    decode_from = (f"16-bit copy ({st.dense_layers} linears, {st.dense_bytes / GIB:.1f} GiB)" if st.dense_layers
+                   else "4-bit, nf4 kernel" if st.decode_kernel else "4-bit (bitsandbytes)")
     torch._dynamo.reset()  # a compiled decode step must not be reused across kernel bindings
     if system == "generate_static":
         extra = {"cache_implementation": "static", "disable_compile": True}
         if _supports_max_cache_len():
             extra["max_cache_len"] = fast_inference_state(model).max_seq_length
     bsz = int(batch["input_ids"].shape[0])
-    row: dict[str, Any] = {"system": system, "batch": bsz, "prompt_tokens": int(batch["input_ids"].shape[1])}
+    row: dict[str, Any] = {"system": system, "batch": bsz, "prompt_tokens": int(batch["input_ids"].shape[1]),
+                           "decode_from": decode_from}
 
     def call(k: int):
         with torch.inference_mode():
@@ -176,9 +185,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"transformers {meta['transformers']}; one 448x448 image + {meta['text_tokens']} text tokens per prompt, "
         f"{meta['new_tokens']} new tokens (greedy, forced); static cache max_seq_length={meta['max_seq']}.",
         "",
-        "| system | batch | prefill (s) | decode tok/s | peak GiB | speed-up vs generate | same tokens as generate "
-        "| as generate_static | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | batch | decodes from | prefill (s) | decode tok/s | peak GiB | speed-up vs generate "
+        "| same tokens as generate | as generate_static | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["batch"]: r for r in rows if r["system"] == "generate" and r.get("status") == "ok"}
     for r in rows:
@@ -187,7 +196,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref and r.get("status") == "ok" else ""
         )
         lines.append(
-            f"| {r['system']} | {r['batch']} | {r.get('prefill_s', '')} | {r.get('decode_tok_s', '')} | "
+            f"| {r['system']} | {r['batch']} | {r.get('decode_from', '')} | {r.get('prefill_s', '')} | {r.get('decode_tok_s', '')} | "
             f"{r.get('peak_gib', '')} | {speed} | {r.get('same_as_generate', '')} | "
             f"{r.get('same_as_generate_static', '')} | {r.get('status')} |"
         )
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir, max_seq_length=args.max_seq, load_in_4bit=True, dtype=torch.bfloat16
     )
     FastVisionModel.for_inference(model)
-    enable_fast_inference(model, max_seq_length=args.max_seq, max_batch_size=max(args.batches))
+    enable_fast_inference(model, max_seq_length=args.max_seq, max_batch_size=max(args.batches), decode_weights="4bit")
     cls = type(model)
     rows: list[dict[str, Any]] = []
     for bsz in args.batches:
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, meta)
     (out / "bench_generate.md").write_text(md)
-    keys = ["system", "batch", "prompt_tokens", "new_tokens", "prefill_s", "total_s", "decode_tok_s", "peak_gib",
+    keys = ["system", "batch", "decode_from", "prompt_tokens", "new_tokens", "prefill_s", "total_s", "decode_tok_s", "peak_gib",
             "same_as_generate", "same_as_generate_static", "warmup_s", "status", "error"]
     with open(out / "bench_generate.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

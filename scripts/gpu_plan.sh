@@ -5,7 +5,8 @@
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels (nf4_matmul never ran compiled) + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: ours, hf, unsloth at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
-#   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8 + bench_nf4_matmul
+#   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
+#   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
 mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -26,10 +27,11 @@ case "${1:-}" in
     cp /tmp/qwen/results.md /tmp/qwen/results.csv /tmp/qwen/workers.log "$out/"
     tail -6 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
   generate)
-    timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20
-    timeout 420 python scripts/bench_generate.py --batches 1 8 --new-tokens 256 --repeats 2 \
-      --systems generate fast_generate_bnb fast_generate --out /tmp/gen 2>&1 | tail -15
-    cp /tmp/gen/*.md /tmp/gen/*.csv "$out/" 2>/dev/null ;;
+    timeout 540 python scripts/bench_generate.py --batches 1 8 --new-tokens 256 --repeats 2 \
+      --systems generate fast_generate_4bit fast_generate --out /tmp/gen 2>&1 | grep -v "warn" | tail -15
+    cp /tmp/gen/*.md /tmp/gen/*.csv /tmp/gen/*.json "$out/" 2>/dev/null ;;
+  nf4)
+    timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh tests|llama|qwen|generate" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh tests|llama|qwen|generate|nf4" >&2; exit 2 ;;
 esac

@@ -58,8 +58,8 @@ def bind_decode_kernels(model: nn.Module, force: bool = False) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if not _is_linear4bit(module) or _PREV in module.__dict__:
-            continue
+        if not _is_linear4bit(module) or _PREV in module.__dict__ or "_hffv_dense_weight" in module._buffers:
+            continue  # already bound, or decoding from a 16-bit copy (`dense_decode.py`)
         weight = module.weight
         state = getattr(weight, "quant_state", None)
         if state is None or (not weight.is_cuda and not force):

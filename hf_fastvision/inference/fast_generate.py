@@ -55,7 +55,14 @@ class FastInferenceState:
     compile: bool = field(default=False, metadata={"help": "Decode step compiled (Inductor + CUDA graphs) — CUDA only."})
     decode_kernel: bool = field(default=False, metadata={
         "help": "4-bit linears run the few-row nf4 kernel on decode steps (CUDA; `inference/decode_kernels.py`)."})
-    decode_kernel_requested: bool = field(default=True, metadata={"help": "enable_fast_inference(decode_kernel=...)."})
+    decode_kernel_requested: bool = field(default=False, metadata={"help": "enable_fast_inference(decode_kernel=...)."})
+    decode_weights: str = field(default="4bit", metadata={
+        "help": "What the language model's 4-bit linears decode from: '16bit' (a dequantized copy, "
+                "`inference/dense_decode.py`) or '4bit' (bitsandbytes' own forward)."})
+    decode_weights_requested: str = field(default="auto", metadata={
+        "help": "enable_fast_inference(decode_weights=...): 'auto', '16bit' or '4bit'."})
+    dense_layers: int = field(default=0, metadata={"help": "Linears with a 16-bit decode copy."})
+    dense_bytes: int = field(default=0, metadata={"help": "Bytes those copies take."})
     compile_requested: bool = field(default=True, metadata={"help": "enable_fast_inference(compile=...) as given."})
     static_cache: bool = field(default=True, metadata={"help": "False once the model fell back to DynamicCache."})
     fallback_reason: str | None = field(default=None, metadata={"help": "Why the dynamic cache is used, if it is."})
@@ -92,14 +99,59 @@ def _kv_bytes_per_sequence(model: nn.Module, max_seq_length: int) -> int:
     return 2 * layers * kv_heads * int(head_dim) * int(max_seq_length) * itemsize
 
 
-def max_batch_for_memory(model: nn.Module, max_seq_length: int, gpu_memory_utilization: float) -> int | None:
-    """Largest batch whose static KV cache fits in ``gpu_memory_utilization`` of free CUDA memory (None off CUDA)."""
+def max_batch_for_memory(
+    model: nn.Module, max_seq_length: int, gpu_memory_utilization: float, already_used: int = 0
+) -> int | None:
+    """Largest batch whose static KV cache fits in ``gpu_memory_utilization`` of free CUDA memory (None off CUDA).
+
+    ``already_used``: bytes taken since the budget was set (a 16-bit decode copy), counted as free before and
+    charged to the budget."""
     device = _unwrap(model).device
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
     per_seq = _kv_bytes_per_sequence(_unwrap(model), max_seq_length)
-    return max(1, int(free * gpu_memory_utilization) // max(per_seq, 1))
+    budget = int((free + already_used) * gpu_memory_utilization) - already_used
+    return max(1, budget // max(per_seq, 1))
+
+
+_DECODE_WEIGHTS = ("auto", "16bit", "4bit")
+
+
+def _dense_copy_fits(choice: str, need: int, per_seq: int, free: int, utilization: float) -> bool:
+    """Whether a 16-bit decode copy of ``need`` bytes is made, given ``free`` bytes of GPU memory (as if no copy
+    existed) and one sequence's KV cache of ``per_seq`` bytes. ``"16bit"`` that cannot fit at all raises."""
+    if choice == "auto":
+        return need + per_seq <= int(free * utilization)
+    if need + per_seq > free:
+        raise ValueError(
+            f"decode_weights='16bit' needs {need / 2**30:.1f} GiB for the 16-bit decode copy plus "
+            f"{per_seq / 2**30:.2f} GiB of KV cache, but only {free / 2**30:.1f} GiB of GPU memory is free: pass "
+            "decode_weights='4bit' (or 'auto'), a smaller max_seq_length, or free GPU memory."
+        )
+    return True
+
+
+def _bind_decode_weights(base: nn.Module, choice: str, max_seq_length: int, utilization: float) -> tuple[int, int]:
+    """Apply ``decode_weights``: returns (layers with a 16-bit copy, their bytes)."""
+    from hf_fastvision.inference.dense_decode import (
+        bind_dense_decode, dense_decode_bound, dense_decode_bytes, dense_decode_held, unbind_dense_decode,
+    )
+
+    if choice == "4bit" or (choice == "auto" and base.device.type != "cuda"):
+        unbind_dense_decode(base)
+        return 0, 0
+    if base.device.type == "cuda":
+        held = dense_decode_held(base)
+        free, _total = torch.cuda.mem_get_info(base.device)
+        need = held + dense_decode_bytes(base)
+        if not _dense_copy_fits(choice, need, _kv_bytes_per_sequence(base, max_seq_length), free + held, utilization):
+            logger.info("fast_inference: the 16-bit decode copy (%.1f GiB) and one sequence's KV cache do not fit "
+                        "gpu_memory_utilization=%s; decoding from the 4-bit weights", need / 2**30, utilization)
+            unbind_dense_decode(base)
+            return 0, 0
+    bind_dense_decode(base)
+    return dense_decode_bound(base), dense_decode_held(base)
 
 
 def _supports_max_cache_len() -> bool:
@@ -187,6 +239,7 @@ def enable_fast_inference(
     max_batch_size: int | None = None,
     compile: bool | None = None,
     decode_kernel: bool | None = None,
+    decode_weights: str | None = None,
 ) -> nn.Module:
     """Attach ``model.fast_generate(...)`` (same inputs as ``generate``) to this instance; returns the model.
 
@@ -194,8 +247,12 @@ def enable_fast_inference(
     ``max_seq_length`` = the one given at load and ``gpu_memory_utilization`` = 0.5.  ``max_seq_length`` sizes the static KV cache; on CUDA the largest batch
     is the one whose cache fits in ``gpu_memory_utilization`` of free memory, or ``max_batch_size`` if smaller.
     ``compile`` (default: on for CUDA models) compiles the decode step; ``compile=False`` keeps eager kernels.
-    ``decode_kernel`` (default: on for CUDA models) runs bitsandbytes 4-bit linears through the few-row nf4 kernel
-    on decode steps (the weight is read once as 4-bit instead of being dequantized to 16-bit per step).
+    ``decode_weights`` (default ``"auto"``): ``"16bit"`` keeps a dequantized 16-bit copy of the language model's
+    4-bit linears for generation (the same numbers bitsandbytes computes for several rows, without dequantizing
+    every step); ``"auto"`` does so on CUDA when the copy plus one sequence's KV cache fits in
+    ``gpu_memory_utilization`` of free memory (the KV cache gets the rest); ``"4bit"`` never does.
+    ``decode_kernel`` (default off; opt-in, slower than bitsandbytes on an H200 so far) runs the remaining 4-bit
+    linears through the few-row nf4 Triton kernel on decode steps.
     Call again after wrapping the model in PEFT to generate through the PeftModel (the base keeps working too:
     LoRA layers live in its modules).  Idempotent.
     """
@@ -212,8 +269,13 @@ def enable_fast_inference(
     if max_batch_size is not None and int(max_batch_size) <= 0:
         raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
     want_compile = bool(compile) if compile is not None else getattr(previous, "compile_requested", True)
-    want_kernel = bool(decode_kernel) if decode_kernel is not None else getattr(previous, "decode_kernel_requested", True)
-    limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization))
+    want_kernel = bool(decode_kernel) if decode_kernel is not None else getattr(previous, "decode_kernel_requested", False)
+    want_weights = decode_weights if decode_weights is not None else getattr(previous, "decode_weights_requested", "auto")
+    if want_weights not in _DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {_DECODE_WEIGHTS}, got {want_weights!r}")
+    dense_layers, dense_bytes = _bind_decode_weights(base, want_weights, int(max_seq_length),
+                                                     float(gpu_memory_utilization))
+    limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization), already_used=dense_bytes)
     if max_batch_size is not None:
         limit = int(max_batch_size) if limit is None else min(limit, int(max_batch_size))
     state = FastInferenceState(
@@ -224,6 +286,10 @@ def enable_fast_inference(
         compile=base.device.type == "cuda" and want_compile,
         decode_kernel_requested=want_kernel,
         decode_kernel=base.device.type == "cuda" and want_kernel,
+        decode_weights_requested=want_weights,
+        decode_weights="16bit" if dense_layers else "4bit",
+        dense_layers=dense_layers,
+        dense_bytes=dense_bytes,
     )
     old = getattr(base, _STATE_ATTR, None)
     if old is not None and not old.static_cache:  # a known limitation stays known
@@ -255,6 +321,9 @@ def disable_fast_inference(model: nn.Module) -> nn.Module:
         target.__dict__.pop("fast_generate", None)
     base.__dict__.pop("_valid_auto_compile_criteria", None)
     from hf_fastvision.inference.decode_kernels import unbind_decode_kernels
+    from hf_fastvision.inference.dense_decode import unbind_dense_decode
 
     unbind_decode_kernels(base)
+    if unbind_dense_decode(base) and base.device.type == "cuda":
+        torch.cuda.empty_cache()  # the decode copy's memory goes back to training
     return model

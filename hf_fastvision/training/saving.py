@@ -26,6 +26,9 @@ def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as F
 
+        from hf_fastvision.quantization import canonical_4bit
+
+        canonical_4bit(weight)  # after a CPU inference forward bitsandbytes holds it in its CPU GEMV layout
         return F.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
     scb = getattr(weight, "SCB", None)
     if scb is not None:  # bitsandbytes LLM.int8: row-wise absmax scaling
