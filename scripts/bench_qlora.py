@@ -482,7 +482,7 @@ def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[
         sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", args.model,
         "--workdir", str(work), "--seqs", *map(str, args.seqs), "--steps", str(args.steps),
         "--batch", str(args.batch), "--autocast", args.autocast, "--deadline", f"{deadline:.1f}",
-        "--ours-patches", args.ours_patches,
+        "--ours-patches", args.ours_patches, "--hf-upcast", args.hf_upcast,
         "--max-seq", str(max(args.seqs)),
     ]
     timeout = max(5.0, deadline - time.time() + args.grace)
@@ -637,7 +637,7 @@ def parent_main(args) -> int:
     meta = {
         "model": args.model, "model_label": spec["label"], "layers": args.layers, "device_name": device_name,
         "versions": versions, "batch": args.batch, "steps": args.steps, "seqs": args.seqs,
-        "systems": args.systems, "autocast": args.autocast, **info,
+        "systems": args.systems, "autocast": args.autocast, "hf_upcast": args.hf_upcast, **info,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -775,7 +775,11 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
 
     AutoProcessor.from_pretrained(folder)
     # the common recipe: freeze, upcast the 16-bit weights to fp32; checkpointing enabled right below
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if getattr(args, "hf_upcast", "on") == "on":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:  # A/B: the same recipe with the 16-bit weights left in bf16
+        for param in model.parameters():
+            param.requires_grad_(False)
     gc_kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
@@ -1000,6 +1004,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autocast", choices=["on", "off"], default="on",
                    help="forward under bf16 autocast, as Trainer(bf16=True) does (off: plain loop; the hf recipe's "
                         "fp32-upcast norms then carry fp32 activations into attention)")
+    p.add_argument("--hf-upcast", choices=["on", "off"], default="on",
+                   help="hf/liger: prepare_model_for_kbit_training (casts every 16-bit weight to fp32, as tutorials "
+                        "do) or off (freeze only: the 16-bit weights stay bf16, as ours and unsloth keep them)")
     p.add_argument("--out", default="bench_qlora_out")
     p.add_argument("--workdir", default=None, help="checkpoint + batch folder (default /tmp/bench_qlora_<model>)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if the folder matches")
