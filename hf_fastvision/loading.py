@@ -319,6 +319,9 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
             raise CorruptCheckpointError(resolution.name, str(exc)) from exc
         raise
     model.hf_fastvision = LoadInfo(resolution, spec.name, plan, prequantized, str(dtype).removeprefix("torch."))
+    from hf_fastvision.quantization import keep_canonical_packing
+
+    keep_canonical_packing(model)  # bitsandbytes' CPU repacking is lossy (quantization.keep_canonical_packing)
     from hf_fastvision.hub import attach_push_to_hub
     from hf_fastvision.patching import apply_patches
 

@@ -191,3 +191,18 @@ def canonical_4bit(weight: torch.Tensor) -> torch.Tensor:
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
     return weight
+
+
+def keep_canonical_packing(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `model`'s 4-bit weights for its CPU GEMV; returns how many layers.
+
+    The repacking (bitsandbytes 0.50, AVX512-BF16 CPUs, first eval forward) is lossy: it stores the block scales in
+    bf16 and drops double quantization, so a model saved after a CPU inference call no longer holds the weights it
+    was loaded with, and its logits change (the quantize CLI's save-and-reload check caught it). Layers keep the
+    dequantize + ``F.linear`` route, the one bitsandbytes takes on CUDA for several rows."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

@@ -66,3 +66,31 @@ def test_plan_agrees_with_transformers_matching(name):
         assert should_convert_module(module, plan.skip_modules), module
     for module in plan.kept:
         assert not should_convert_module(module, plan.skip_modules), module
+
+
+def test_cpu_inference_keeps_the_loaded_4bit_weights(tiny_checkpoint, tmp_path):
+    """bitsandbytes 0.50 repacks 4-bit weights for its CPU GEMV on the first eval forward (AVX512-BF16 CPUs), storing
+    the scales in bf16: a model saved after that held other weights. Our loads opt out, so an eval forward leaves
+    every packed tensor as loaded and a save + reload gives the same logits."""
+    import torch
+
+    from hf_fastvision import FastVisionModel
+    from hf_fastvision.archs.tiny import sample_batch
+
+    model, processor = FastVisionModel.from_pretrained(tiny_checkpoint("qwen2_vl"), max_seq_length=128)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    before = {n: t.clone() for n, t in model.state_dict().items() if "weight" in n}
+    FastVisionModel.for_inference(model)
+    batch = sample_batch(processor, "qwen2_vl", 1, with_labels=False)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    after = model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, _ = FastVisionModel.from_pretrained(str(tmp_path), max_seq_length=128)
+    FastVisionModel.for_inference(again)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits)
