@@ -116,12 +116,15 @@ def realign(model: Any) -> Any:
 
 
 def stable_logits(model: Any, inputs: Any) -> Any:
-    """Logits (float32, on the CPU) of `model` on `inputs`, after `realign`: comparable bit for bit."""
+    """Logits (float32, on the CPU) of `model` on `inputs`, after `realign` and on bitsandbytes' dequantize route
+    (`quantization.keep_canonical_packing`): comparable bit for bit."""
     import torch
 
     from hf_fastvision.patching import unpatched
+    from hf_fastvision.quantization import keep_canonical_packing
 
     realign(model)
+    keep_canonical_packing(model)  # a model loaded by stock transformers would take bitsandbytes' CPU GEMV route
     with torch.no_grad(), unpatched(model):  # checkpoint identity, not kernel rounding, is what is compared
         return model(**inputs.to(model.device)).logits.float().cpu()
 

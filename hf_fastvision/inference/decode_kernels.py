@@ -60,7 +60,9 @@ def bind_decode_kernels(model: nn.Module, force: bool = False) -> int:
     for module in model.modules():
         if not _is_linear4bit(module) or _PREV in module.__dict__ or "_hffv_dense_weight" in module._buffers:
             continue  # already bound, or decoding from a 16-bit copy (`dense_decode.py`)
-        weight = module.weight
+        from hf_fastvision.quantization import canonical_4bit
+
+        weight = canonical_4bit(module.weight)  # not bitsandbytes' CPU GEMV layout
         state = getattr(weight, "quant_state", None)
         if state is None or (not weight.is_cuda and not force):
             continue

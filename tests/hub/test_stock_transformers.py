@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent(
             for name, b in list(module._buffers.items()):
                 if b is not None:
                     module._buffers[name] = b.clone()
+            if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes' dequantize route, as ours
+                module.support_avx512bf16_for_cpu = False
         logits = model(**inputs).logits.float()
     torch.save(logits, out_path)
     from huggingface_hub import try_to_load_from_cache

@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText
 
 from hf_fastvision import AutoFastVisionModel, FastVisionModel, get_load_info
 from hf_fastvision.archs.tiny import sample_batch
+from hf_fastvision.quantization import keep_canonical_packing
 from hf_fastvision.training.saving import save_adapter, save_merged_4bit, save_merged_16bit
 
 
@@ -27,6 +28,11 @@ def trained(request, tiny_checkpoint):
     with torch.no_grad():
         logits = model(**batch).logits
     return name, model, processor, batch, logits
+
+
+def keep_canonical_packing_of(model):
+    keep_canonical_packing(model)  # the same bitsandbytes route as our loads (no AVX512 repacking)
+    return model
 
 
 def _logits(model, batch):
@@ -50,6 +56,7 @@ def test_adapter_round_trip(trained, tiny_checkpoint, tmp_path):
         tiny_checkpoint(name), quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=plan.skip_modules))
+    keep_canonical_packing(stock_base)  # the same bitsandbytes route as our loads (no AVX512 repacking)
     stock = PeftModel.from_pretrained(stock_base, tmp_path / "adapter")
     torch.testing.assert_close(_logits(stock, batch), logits, rtol=0, atol=0)
 
@@ -69,7 +76,7 @@ def test_merged_4bit_round_trip(trained, tmp_path):
     save_merged_4bit(model, tmp_path / "m4", processor, dtype=torch.float32)
     ours = AutoFastVisionModel.from_pretrained(tmp_path / "m4")
     assert get_load_info(ours).prequantized
-    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "m4")
+    stock = keep_canonical_packing_of(AutoModelForImageTextToText.from_pretrained(tmp_path / "m4"))
     torch.testing.assert_close(_logits(stock, batch), _logits(ours, batch), rtol=0, atol=0)
     # it is exactly the merged 16-bit model quantized with the architecture's plan
     save_merged_16bit(model, tmp_path / "m16", processor, dtype=torch.float32)
