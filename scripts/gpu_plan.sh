@@ -2,10 +2,12 @@
 # The GPU measurements still owed (issues 4 and 7), as commands that each fit the GPU machine's 10-minute limit and
 # bring back at most 8 files (more than 8 under $OUT are dropped). Run on the GPU machine from the repo root, with
 # the kit carried (`.devkit`), one part per call:
-#   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels (nf4_matmul never ran compiled) + real graphs
-#   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: ours, hf, unsloth at 2048 (same run)
+#   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
+#   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
 #   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
+#   bash scripts/gpu_plan.sh llama8k    # Llama-3.2-11B-Vision at 8192: all four systems (the missing cells)
+#   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
 mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz
@@ -17,7 +19,7 @@ case "${1:-}" in
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
   llama)
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours hf unsloth --steps 6 \
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours unsloth hf liger --steps 6 \
       --budget 540 --out /tmp/llama > /dev/null 2>&1
     cp /tmp/llama/results.md /tmp/llama/results.csv /tmp/llama/workers.log "$out/"
     tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
@@ -30,8 +32,15 @@ case "${1:-}" in
     timeout 540 python scripts/bench_generate.py --batches 1 8 --new-tokens 256 --repeats 2 \
       --systems generate fast_generate_4bit fast_generate --out /tmp/gen 2>&1 | grep -v "warn" | tail -15
     cp /tmp/gen/*.md /tmp/gen/*.csv /tmp/gen/*.json "$out/" 2>/dev/null ;;
+  llama8k)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 8192 --systems ours unsloth hf liger --steps 5 \
+      --budget 540 --out /tmp/llama8k > /dev/null 2>&1
+    cp /tmp/llama8k/results.md /tmp/llama8k/results.csv /tmp/llama8k/workers.log "$out/"
+    tail -6 "$out/results.md" ;;
+  mva)
+    timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh tests|llama|qwen|generate|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh tests|llama|llama8k|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac
