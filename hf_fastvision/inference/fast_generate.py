@@ -58,7 +58,7 @@ class FastInferenceState:
     decode_kernel_requested: bool = field(default=False, metadata={"help": "enable_fast_inference(decode_kernel=...)."})
     decode_weights: str = field(default="4bit", metadata={
         "help": "What the language model's 4-bit linears decode from: '16bit' (a dequantized copy, "
-                "`inference/dense_decode.py`) or '4bit' (bitsandbytes' own forward)."})
+                "`inference/dense_decode.py`), '4bit' (bitsandbytes' own forward) or 'none' (no 4-bit linears)."})
     decode_weights_requested: str = field(default="auto", metadata={
         "help": "enable_fast_inference(decode_weights=...): 'auto', '16bit' or '4bit'."})
     dense_layers: int = field(default=0, metadata={"help": "Linears with a 16-bit decode copy."})
@@ -116,6 +116,10 @@ def max_batch_for_memory(
 
 
 _DECODE_WEIGHTS = ("auto", "16bit", "4bit")
+
+
+def _has_4bit(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def _dense_copy_fits(choice: str, need: int, per_seq: int, free: int, utilization: float) -> bool:
@@ -287,7 +291,7 @@ def enable_fast_inference(
         decode_kernel_requested=want_kernel,
         decode_kernel=base.device.type == "cuda" and want_kernel,
         decode_weights_requested=want_weights,
-        decode_weights="16bit" if dense_layers else "4bit",
+        decode_weights="16bit" if dense_layers else ("4bit" if _has_4bit(base) else "none"),
         dense_layers=dense_layers,
         dense_bytes=dense_bytes,
     )

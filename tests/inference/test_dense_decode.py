@@ -149,3 +149,12 @@ def test_copy_reads_the_canonical_layout_after_a_cpu_forward():
     bind_dense_decode(layer)
     dense = layer._buffers["_hffv_dense_weight"]
     torch.testing.assert_close(dense.float(), w.float(), rtol=1e-2, atol=1e-2)  # bf16 scales after the inverse
+
+
+def test_16bit_model_has_nothing_to_copy(tiny_checkpoint):
+    model, _processor = FastVisionModel.from_pretrained(tiny_checkpoint("qwen2_vl"), load_in_4bit=False,
+                                                        load_in_16bit=True, max_seq_length=MAX_SEQ)
+    FastVisionModel.for_inference(model)
+    enable_fast_inference(model, decode_weights="16bit")
+    state = fast_inference_state(model)
+    assert state.decode_weights == "none" and state.dense_layers == 0 and dense_decode_bound(model) == 0
