@@ -283,22 +283,22 @@ def unpatch(model: nn.Module) -> int:
     for module in model.modules():
         module.__dict__.pop(_SUSPENDED, None)
         if _ORIGINAL in module.__dict__:
-            original = module.__dict__.pop(_ORIGINAL)
             module.__dict__.pop(_KIND, None)
-            if original is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = original
+            restore_forward(module, module.__dict__.pop(_ORIGINAL))
             restored += 1
     return restored
 
 
-def _restore_original(module: nn.Module) -> None:
-    original = module.__dict__[_ORIGINAL]
-    if original is None:
+def restore_forward(module: nn.Module, previous: Any) -> None:
+    """Put back the instance forward a binding replaced (None: there was none, the class forward serves)."""
+    if previous is None:
         module.__dict__.pop("forward", None)
     else:
-        module.forward = original
+        module.forward = previous
+
+
+def _restore_original(module: nn.Module) -> None:
+    restore_forward(module, module.__dict__[_ORIGINAL])
 
 
 def suspend_patches(model: nn.Module) -> int:

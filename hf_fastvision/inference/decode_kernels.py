@@ -81,15 +81,13 @@ def bind_decode_kernels(model: nn.Module, force: bool = False) -> int:
 def unbind_decode_kernels(model: nn.Module) -> int:
     """Restore the forwards `bind_decode_kernels` replaced; returns how many."""
     count = 0
+    from hf_fastvision.patching import restore_forward
+
     for module in model.modules():
         if _PREV in module.__dict__:
             module.__dict__.pop(_ARGS, None)
             module.__dict__.pop(_COMPUTE, None)
-            prev = module.__dict__.pop(_PREV)
-            if prev is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = prev
+            restore_forward(module, module.__dict__.pop(_PREV))
             count += 1
     return count
 

@@ -109,15 +109,13 @@ def bind_dense_decode(model: nn.Module, budget_bytes: int | None = None) -> tupl
 
 def unbind_dense_decode(model: nn.Module) -> int:
     """Delete the decode copies and restore the forwards; returns how many layers."""
+    from hf_fastvision.patching import restore_forward
+
     count = 0
     for module in model.modules():
         if _BUF in module._buffers:
             del module._buffers[_BUF]
-            prev = module.__dict__.pop(_PREV, None)
-            if prev is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = prev
+            restore_forward(module, module.__dict__.pop(_PREV, None))
             count += 1
     return count
 
