@@ -8,6 +8,7 @@ path) are left as they are.
 - `rms_norm`: every `*RMSNorm` module under the vision/language roots → the fused RMSNorm kernel (Gemma's
   `x·(1+w)` in fp32 where the spec says "gemma").
 - `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
+- `vision_attention_split` (opt-in): Mllama's vision attention as an exact maskless split (not measured yet).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
 - `fused_loss`: with `labels`, the top model's forward runs with `logits_to_keep=1` and the loss is computed
@@ -60,6 +61,9 @@ class PatchOptions:
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
     """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
+    vision_attention_split: bool = False
+    """Opt-in vision-attention forwards not yet measured on a GPU (Mllama: the exact maskless split, one flash varlen
+    call; `archs/_mllama_vision_attention.py`). Needs `vision_attention` on too."""
     lora: bool = True
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
@@ -72,8 +76,8 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False, lora=False,
-                       cuda_graphs=False)
+            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False,
+                       vision_attention_split=False, lora=False, cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:
@@ -183,6 +187,8 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     scope = roots.language + roots.vision
     norm_kind = spec.patches.get("rms_norm")
     attention = spec.patches.get("vision_attention") if opts.vision_attention else None
+    if attention is None and opts.vision_attention and opts.vision_attention_split:
+        attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
     for name, module in model.named_modules():
         if not _under(name, scope):
             continue

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
 #   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
 #   bash scripts/gpu_plan.sh llama8k    # Llama-3.2-11B-Vision at 8192: all four systems (the missing cells)
+#   bash scripts/gpu_plan.sh llama_split  # ours with and without the opt-in Mllama vision-attention split
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -37,10 +38,17 @@ case "${1:-}" in
       --budget 540 --out /tmp/llama8k > /dev/null 2>&1
     cp /tmp/llama8k/results.md /tmp/llama8k/results.csv /tmp/llama8k/workers.log "$out/"
     tail -6 "$out/results.md" ;;
+  llama_split)  # A/B of the opt-in Mllama vision-attention split (same checkpoint, two runs in one command)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 \
+      --budget 260 --out /tmp/ls_off > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 200 \
+      --ours-patches '{"vision_attention_split": true}' --out /tmp/ls_on > /dev/null 2>&1
+    cp /tmp/ls_off/results.md "$out/split_off.md"; cp /tmp/ls_on/results.md "$out/split_on.md"
+    cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; tail -2 "$out/split_off.md" "$out/split_on.md" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh tests|llama|llama8k|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh tests|llama|llama8k|llama_split|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Llama 3.2 Vision: tiled vision encoder, cross-attention layers in the text decoder."""
 
 from hf_fastvision.archs import _budget
+from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
 from hf_fastvision.registry import ArchSpec, register_arch
 
 MLLAMA = register_arch(
@@ -12,7 +13,9 @@ MLLAMA = register_arch(
         projectors=("model.multi_modal_projector",),
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
-        patches={"rms_norm": "rms", "mlp": "swiglu"},
+        patches={"rms_norm": "rms", "mlp": "swiglu",
+                 # opt-in (PatchOptions.vision_attention_split): exact, CPU-tested, not measured on a GPU yet
+                 "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream
         notes="max_image_size bounds the number of 560-px tiles per image.",
     )

@@ -1,0 +1,136 @@
+"""Mllama's vision attention without its L x L mask: an exact split (opt-in patch flag ``vision_attention_split``).
+
+Mllama's vision encoder attends over 4 tiles x 1608 patches with the additive mask that
+``_prepare_aspect_ratio_attention_mask`` builds: ``mask[i, j] = min`` exactly when patch i *and* patch j are padding
+(padded tiles, and the 7 padding patches of every tile). So
+
+- a real patch's query attends to every key, unmasked;
+- a padding patch's query attends to the real keys only, unmasked (when an image has no real patch at all, every
+  score gets ``min`` and the stock softmax is uniform: the mean of the values, which this forward returns too;
+  such an image's query/key gradients are zero here, but it never reaches the loss: Mllama's cross-attention
+  mask drops padded images).
+
+On an H200 the masked cuDNN kernels of these 40 layers took 36% of a Llama-3.2-11B-Vision QLoRA step's GPU time
+(`scripts/results/h200_2026-12-01b_profile_llama/`). This forward computes the same function as one variable-length
+flash call with static shapes (CUDA-graph friendly, no host sync): rows permuted real-first, the keys packed twice,
+query segment 0 (real queries) over every key of copy 0 and segment 1 (padding queries) over the first ``n_real``
+keys of copy 1 (``seqused_k``). On an image using 1 of 4 tiles that is 44% of the masked call's work.
+
+`varlen_reference` computes the varlen call in plain torch (CPU, and the tests); CUDA uses
+``torch.nn.attention.varlen.varlen_attn``. Anything unexpected (another attention implementation, a mask of
+another form, no varlen kernel) runs the stock forward. **Not measured on a GPU yet**, hence off by default
+(`scripts/bench_mllama_vision_attention.py` times it; `patches={"vision_attention_split": True}` turns it on).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference"]
+
+logger = logging.getLogger(__name__)
+_CHECKED = "_hffv_split_mask_ok"
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, seqused_k=None):
+    """``varlen_attn``'s result in plain torch: query rows ``cu_q[i]:cu_q[i+1]`` attend to key rows
+    ``cu_k[i]:cu_k[i] + seqused_k[i]`` (or ``:cu_k[i+1]``); ``[tokens, heads, dim]`` layout; empty rows give 0."""
+    out = torch.zeros_like(q)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for i in range(len(bq) - 1):
+        q0, q1, k0 = bq[i], bq[i + 1], bk[i]
+        k1 = k0 + used[i] if used is not None else bk[i + 1]
+        if q1 > q0 and k1 > k0:
+            part = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                                  v[k0:k1].transpose(0, 1), scale=scale)
+            out[q0:q1] = part.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def _varlen_kernel(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return varlen_reference
+    from torch.nn.attention.varlen import varlen_attn  # ImportError on a torch without it: the caller falls back
+
+    return varlen_attn
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, scale: float,
+                    varlen: Any = None) -> torch.Tensor:
+    """Mllama vision attention for ``[batch, heads, L, dim]`` inputs and ``real`` (``[batch, L]`` bool): the
+    result of the masked SDPA call, with static shapes and no host sync (see the module docstring)."""
+    batch, heads, length, dim = q.shape
+    varlen = varlen or _varlen_kernel(q.device)
+    perm = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)  # real patches first, order kept
+    inv = torch.argsort(perm, dim=-1)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [batch, L, heads, dim], rows permuted
+        return torch.take_along_dim(t.transpose(1, 2), perm[:, :, None, None], dim=1)
+
+    qp, kp, vp = rows(q), rows(k), rows(v)
+    n_real = real.sum(-1).to(torch.int32)  # [batch]
+    starts = torch.arange(batch, device=q.device, dtype=torch.int32) * length
+    total = torch.full((1,), batch * length, device=q.device, dtype=torch.int32)
+    cu_q = torch.cat([torch.stack([starts, starts + n_real], dim=-1).reshape(-1), total])
+    cu_k = torch.arange(2 * batch + 1, device=q.device, dtype=torch.int32) * length
+    full = torch.full_like(n_real, length)
+    used_k = torch.stack([full, n_real], dim=-1).reshape(-1)
+    keys = torch.cat([kp, kp], dim=1).reshape(2 * batch * length, heads, dim)
+    values = torch.cat([vp, vp], dim=1).reshape(2 * batch * length, heads, dim)
+    out = varlen(qp.reshape(batch * length, heads, dim), keys, values, cu_q, cu_k, length, length, scale=scale,
+                 seqused_k=used_k)
+    out = out.reshape(batch, length, heads, dim)
+    # an image without a real patch: the stock mask makes every score `min`, i.e. uniform attention
+    mean_v = v.mean(dim=2, keepdim=True).transpose(1, 2)  # [batch, 1, heads, dim]
+    out = torch.where((n_real == 0)[:, None, None, None], mean_v.to(out.dtype), out)
+    out = torch.take_along_dim(out, inv[:, :, None, None], dim=1)
+    return out.transpose(1, 2)  # [batch, heads, L, dim]
+
+
+def _mask_has_split_form(mask: torch.Tensor, real: torch.Tensor) -> bool:
+    """Once per module, eagerly: is ``mask`` exactly ``min`` where both patches pad and 0 elsewhere?"""
+    pad = ~real
+    both = pad[:, :, None] & pad[:, None, :]
+    m = mask[:, 0]
+    lowest = torch.finfo(mask.dtype).min / 2
+    return bool(((m <= lowest) == both).all()) and bool((m[~both] == 0).all())
+
+
+def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
+                                   attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    """Drop-in ``forward`` for ``MllamaVisionAttention`` (same arguments, same result)."""
+    from hf_fastvision.patching import original_forward
+
+    mask = attention_mask
+    usable = (
+        self.config._attn_implementation == "sdpa" and not kwargs and mask is not None and mask.dim() == 4
+        and mask.shape[1] == 1 and mask.is_floating_point() and self.__dict__.get(_CHECKED, True)
+    )
+    if not usable:
+        return original_forward(self)(hidden_states, attention_mask=attention_mask, **kwargs)
+    batch, length, _ = hidden_states.shape
+    real = mask[:, 0].diagonal(dim1=-2, dim2=-1) == 0  # patch i pads exactly when its own entry is masked
+    capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+    if _CHECKED not in self.__dict__ and not capturing:
+        self.__dict__[_CHECKED] = _mask_has_split_form(mask, real)
+        if not self.__dict__[_CHECKED]:
+            logger.warning("vision_attention_split: %s got a mask of another form; stock attention from now on",
+                           type(self).__name__)
+            return original_forward(self)(hidden_states, attention_mask=attention_mask)
+    try:
+        varlen = _varlen_kernel(hidden_states.device)
+    except ImportError as exc:
+        self.__dict__[_CHECKED] = False
+        logger.warning("vision_attention_split: no varlen flash kernel in this torch (%s); stock attention", exc)
+        return original_forward(self)(hidden_states, attention_mask=attention_mask)
+    shape = (batch, length, self.num_heads, self.head_dim)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = split_attention(q, k, v, real, self.scaling, varlen)
+    out = out.transpose(1, 2).reshape(batch, length, -1).contiguous()
+    return self.o_proj(out), None

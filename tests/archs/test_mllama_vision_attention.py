@@ -1,0 +1,82 @@
+"""Mllama vision attention as an exact maskless split (opt-in `vision_attention_split`) == the masked SDPA call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_fastvision import AutoFastVisionModel
+from hf_fastvision.archs._mllama_vision_attention import split_attention, varlen_reference
+from hf_fastvision.archs.tiny import sample_batch, tiny_processor
+from hf_fastvision.patching import patched_modules
+
+
+def _mllama_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive mask transformers builds (`_prepare_aspect_ratio_attention_mask`), one row per image."""
+    length = patches + padded
+    real = torch.zeros(len(valid_tiles), tiles, length)
+    for b, n in enumerate(valid_tiles):
+        real[b, :n, :patches] = 1.0
+    pad = (1.0 - real).reshape(len(valid_tiles), tiles * length, 1)
+    mask = (pad @ pad.transpose(-1, -2) * torch.finfo(torch.float32).min).unsqueeze(1)
+    return mask, real.reshape(len(valid_tiles), -1).bool()
+
+
+@pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3], [2, 0]])
+def test_split_equals_masked_sdpa_with_gradients(valid_tiles):
+    mask, real = _mllama_mask(valid_tiles, tiles=4, patches=9, padded=3)
+    length = real.shape[1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(len(valid_tiles), 2, length, 8, requires_grad=True) for _ in range(3))
+    scale = 8**-0.5
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    got = split_attention(q, k, v, real, scale, varlen_reference)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # [2, 0]: an image without a real patch too
+    grad = torch.randn_like(ref)
+    # an image without a real patch: same forward (uniform attention), but its q/k gradients differ (the stock
+    # softmax Jacobian at a uniform distribution vs none); in Mllama such an image never reaches the loss (the
+    # cross-attention mask drops it), so its outputs get no gradient
+    grad[torch.tensor(valid_tiles) == 0] = 0.0
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _attention_modules(model):
+    return [m for n, m in model.named_modules() if type(m).__name__ == "MllamaVisionAttention"]
+
+
+def test_patch_is_opt_in_and_exact_on_tiny_mllama(tiny_checkpoint):
+    folder = tiny_checkpoint("mllama")
+    stock = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32)
+    assert not any(patched_modules(stock).get(n) for n, m in stock.named_modules()
+                   if type(m).__name__ == "MllamaVisionAttention"), "off by default"
+    split = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32,
+                                                patches={"vision_attention_split": True})
+    names = {n for n, m in split.named_modules() if type(m).__name__ == "MllamaVisionAttention"}
+    assert names and all(patched_modules(split).get(n) == "vision_attention" for n in names)
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    out_stock, out_split = stock(**batch), split(**batch)
+    torch.testing.assert_close(out_split.logits, out_stock.logits, rtol=1e-4, atol=1e-5)
+    out_stock.loss.backward()
+    out_split.loss.backward()
+    grads = {n: p.grad for n, p in stock.named_parameters() if p.grad is not None and "vision_model" in n}
+    assert grads
+    for n, p in split.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)
+    assert all(m.__dict__.get("_hffv_split_mask_ok") for m in _attention_modules(split))  # the form was checked
+
+
+def test_mask_of_another_form_runs_the_stock_forward(tiny_checkpoint):
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("mllama"), load_in_16bit=True, dtype=torch.float32,
+                                                patches={"vision_attention_split": True})
+    attn = _attention_modules(model)[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 12, attn.q_proj.in_features)
+    causal = torch.triu(torch.full((12, 12), torch.finfo(torch.float32).min), 1)[None, None]
+    expected = type(attn).forward(attn, hidden, attention_mask=causal)[0]
+    torch.testing.assert_close(attn(hidden, attention_mask=causal)[0], expected)
+    assert attn.__dict__["_hffv_split_mask_ok"] is False

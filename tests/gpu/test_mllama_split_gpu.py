@@ -1,0 +1,53 @@
+"""Mllama's split vision attention on CUDA (GPU machine): torch's flash varlen kernel == the masked SDPA call, with
+gradients, at the real head size, and the forward can be captured in a CUDA graph (no host sync)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_fastvision.archs._mllama_vision_attention import split_attention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _case(valid_tiles, patches=200, padded=7, heads=4, dim=80):
+    length = patches + padded
+    real = torch.zeros(len(valid_tiles), 4, length, device="cuda")
+    for b, n in enumerate(valid_tiles):
+        real[b, :n, :patches] = 1.0
+    pad = (1.0 - real).reshape(len(valid_tiles), -1, 1).bfloat16()
+    mask = (pad @ pad.transpose(-1, -2) * torch.finfo(torch.bfloat16).min).unsqueeze(1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [torch.randn(len(valid_tiles), heads, 4 * length, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+           for _ in range(3)]
+    return qkv, mask, real.reshape(len(valid_tiles), -1).bool(), dim**-0.5
+
+
+@pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3]])
+def test_varlen_split_equals_masked_sdpa(valid_tiles):
+    pytest.importorskip("torch.nn.attention.varlen")
+    (q, k, v), mask, real, scale = _case(valid_tiles)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), scale=scale)
+    got = split_attention(q, k, v, real, scale)
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    got_grads = torch.autograd.grad(got.float(), (q, k, v), grad)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_varlen_split_captures_in_a_cuda_graph():
+    pytest.importorskip("torch.nn.attention.varlen")
+    (q, k, v), _mask, real, scale = _case([2])
+    expected = split_attention(q, k, v, real, scale)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = split_attention(q, k, v, real, scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
