@@ -12,6 +12,11 @@ block scales (double-quantized scales are expanded in the kernel too) and multip
   CUDA graphs treat it as one opaque kernel;
 - ``nf4_matmul_ref(...)``: bitsandbytes' dequantization followed by ``F.linear`` (what the tests compare with).
 
+Parallelism: the first version ran one program per 32-64 output columns over all of K, one program per SM, and was
+latency-bound at ~35 GB/s of weight traffic on an H200 (10-25x slower than bitsandbytes,
+`scripts/results/h200_2026-12-01b_nf4_kernel/`). K is now split so that about four programs run per SM, each
+writing fp32 partial sums that the host adds in a fixed order (deterministic). Not measured since.
+
 Layout (bitsandbytes' ``Params4bit``): the ``[out, in]`` weight flattened row-major, two 4-bit codes per byte,
 the first element in the high nibble; one scale per ``blocksize`` consecutive elements. Works for nf4 and fp4
 (the code table comes from the quant state). Inference only: no backward.
@@ -38,13 +43,16 @@ def nf4_matmul_ref(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: tor
 
 @triton.jit
 def _nf4_matmul_kernel(
-    X, W, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, BIAS, OUT,
-    M, N, K, stride_xm, stride_om,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X, W, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, PARTIAL,
+    M, N, K, stride_xm, K_PER_SPLIT,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     IEEE: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # BLOCK_K divides BLOCKSIZE and BLOCKSIZE divides K: each row of a K-step lies in one scale block.
+    # Program (n, s) computes columns [n*BLOCK_N, ...) over the K range of split s and writes fp32 partial sums to
+    # PARTIAL[s]; the host adds the splits in a fixed order (deterministic). BLOCK_K divides BLOCKSIZE and
+    # BLOCKSIZE divides K: each row of a K-step lies in one scale block.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     half_k = tl.arange(0, BLOCK_K // 2)
@@ -53,7 +61,9 @@ def _nf4_matmul_kernel(
     if NESTED:
         offset = tl.load(OFFSET)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         row_start = offs_n * K + k0  # flat index of element (n, k0)
         # bytes of elements (n, k0 + 2j) [high nibble] and (n, k0 + 2j + 1) [low nibble]
         packed = tl.load(W + (row_start[:, None] // 2 + half_k[None, :]), mask=n_ok[:, None], other=0).to(tl.int32)
@@ -78,24 +88,47 @@ def _nf4_matmul_kernel(
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_ptrs = PARTIAL + split * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per SM keep enough loads in flight (one program per SM was latency-bound: 35 GB/s)."""
+    if device.type != "cuda":
+        return 16  # the interpreter: enough to exercise several splits
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def _split_k(n: int, k: int, block_n: int, block_k: int, wanted: int) -> tuple[int, int]:
+    """(splits, K per split, a multiple of block_k) so that column blocks x splits reach `wanted` programs."""
+    steps = triton.cdiv(k, block_k)
+    splits = max(1, min(steps, triton.cdiv(wanted, triton.cdiv(n, block_n))))
+    per = triton.cdiv(steps, splits) * block_k
+    return triton.cdiv(k, per), per
 
 
 def _launch(x2, packed, absmax, code, absmax2, code2, offset, bias, n, k, blocksize, blocksize2, nested, rounding):
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    block_n = 64 if n >= 8192 else 32  # small N: more programs for the SMs
-    grid = (triton.cdiv(n, block_n),)
-    device_guarded(_nf4_matmul_kernel)[grid](
-        x2, packed, absmax, code, absmax2, code2, offset, bias if bias is not None else out, out,
-        m, n, k, x2.stride(0), out.stride(0),
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, HAS_BIAS=bias is not None,
-        IEEE=x2.dtype == torch.float32 or triton_interpret(), ROUND=rounding, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=min(blocksize, 128), num_warps=4,
+    block_n, block_k = 64, min(blocksize, 128)
+    splits, per = _split_k(n, k, block_n, block_k, _programs_wanted(x2.device))
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+    device_guarded(_nf4_matmul_kernel)[(triton.cdiv(n, block_n), splits)](
+        x2, packed, absmax, code, absmax2, code2, offset, partial,
+        m, n, k, x2.stride(0), per,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested,
+        IEEE=x2.dtype == torch.float32 or triton_interpret(), ROUND=rounding, BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4,
     )
-    return out
+    out = partial.sum(0) if splits > 1 else partial[0]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x2.dtype)
 
 
 def _dequantize_torch(packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, nested, rounding,
