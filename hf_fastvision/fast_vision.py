@@ -44,6 +44,11 @@ class FastVisionModel:
         bound, the biggest memory lever), `keep_vision_16bit`, `keep_modules`, `use_exact_model_name`,
         `quant_type`, `double_quant`, `quant_storage`, and transformers' own `revision`, `cache_dir`,
         `local_files_only`, `attn_implementation`, `quantization_config` (which wins over the built-in plan).
+
+        ``fast_inference=True`` attaches ``model.fast_generate`` (static KV cache of ``max_seq_length``, decode step
+        compiled on CUDA). ``gpu_memory_utilization`` is the share of free GPU memory it may take: the KV cache,
+        plus a 16-bit decode copy of the language model's 4-bit linears when that fits (see
+        `hf_fastvision.inference.enable_fast_inference`, ``decode_weights``; `for_training` frees it).
         """
         if not 0.0 < float(gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
