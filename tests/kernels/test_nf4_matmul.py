@@ -134,3 +134,16 @@ def test_bound_layer_traces_into_one_graph(device):
     compiled = torch.compile(lambda t: layer(t), fullgraph=True, backend="eager")
     out = compiled(x)
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n,k,wanted", [(3584, 3584, 528), (18944, 3584, 528), (3584, 18944, 528), (512, 3584, 528),
+                                        (64, 64, 16), (48, 512, 16)])
+def test_split_k_plan_covers_k_in_block_multiples(n, k, wanted):
+    """K is cut into equal ranges of whole K-steps that cover it, enough of them to reach ~`wanted` programs."""
+    from hf_fastvision.kernels.nf4_matmul import _split_k
+
+    block_n, block_k = 64, 64
+    splits, per = _split_k(n, k, block_n, block_k, wanted)
+    assert per % block_k == 0 and splits * per >= k and (splits - 1) * per < k  # no empty split
+    columns, steps = -(-n // block_n), -(-k // block_k)
+    assert columns * splits >= 0.75 * min(wanted, columns * steps)  # rounding to whole K-steps may lose a few
