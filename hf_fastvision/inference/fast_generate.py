@@ -277,6 +277,11 @@ def enable_fast_inference(
     want_weights = decode_weights if decode_weights is not None else getattr(previous, "decode_weights_requested", "auto")
     if want_weights not in _DECODE_WEIGHTS:
         raise ValueError(f"decode_weights must be one of {_DECODE_WEIGHTS}, got {want_weights!r}")
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, unbind_decode_kernels
+
+    # both bind instance forwards on the same layers: the kernel comes off first and goes back on last, onto the
+    # layers without a 16-bit copy
+    unbind_decode_kernels(base)
     dense_layers, dense_bytes = _bind_decode_weights(base, want_weights, int(max_seq_length),
                                                      float(gpu_memory_utilization))
     limit = max_batch_for_memory(base, int(max_seq_length), float(gpu_memory_utilization), already_used=dense_bytes)
@@ -304,12 +309,8 @@ def enable_fast_inference(
     base._valid_auto_compile_criteria = types.MethodType(_compile_criteria, base)
     for target in {id(model): model, id(base): base}.values():
         target.fast_generate = types.MethodType(_fast_generate, target)
-    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, unbind_decode_kernels
-
     if state.decode_kernel:
         bind_decode_kernels(base)
-    else:
-        unbind_decode_kernels(base)
     return model
 
 

@@ -158,3 +158,22 @@ def test_16bit_model_has_nothing_to_copy(tiny_checkpoint):
     enable_fast_inference(model, decode_weights="16bit")
     state = fast_inference_state(model)
     assert state.decode_weights == "none" and state.dense_layers == 0 and dense_decode_bound(model) == 0
+
+
+def test_copy_and_kernel_bindings_do_not_stack(tiny_checkpoint):
+    """A layer carries the kernel or the copy, never one wrapped in the other, whatever the order of calls."""
+    from hf_fastvision.inference.decode_kernels import bind_decode_kernels, decode_kernels_bound
+
+    model, _processor = FastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), max_seq_length=MAX_SEQ)
+    FastVisionModel.for_inference(model)
+    enable_fast_inference(model, decode_weights="4bit")
+    assert bind_decode_kernels(model, force=True) > 0  # what decode_kernel=True does on CUDA weights
+    enable_fast_inference(model, decode_weights="16bit")  # CPU: decode_kernel is off here, so it comes off
+    assert decode_kernels_bound(model) == 0 and dense_decode_bound(model) > 0
+    for module in model.modules():
+        if "_hffv_dense_weight" in module._buffers:
+            assert module.forward.__func__.__name__ == "_dense_forward"
+            assert module.__dict__.get("_hffv_dense_prev_forward") is None  # the stock forward underneath
+    enable_fast_inference(model, decode_weights="4bit")
+    assert dense_decode_bound(model) == 0 and all("forward" not in m.__dict__ for m in model.modules()
+                                                  if type(m).__name__ == "Linear4bit")
