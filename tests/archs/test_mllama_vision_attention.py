@@ -80,3 +80,41 @@ def test_mask_of_another_form_runs_the_stock_forward(tiny_checkpoint):
     expected = type(attn).forward(attn, hidden, attention_mask=causal)[0]
     torch.testing.assert_close(attn(hidden, attention_mask=causal)[0], expected)
     assert attn.__dict__["_hffv_split_mask_ok"] is False
+
+
+def test_split_trains_like_stock_through_4bit_lora_checkpointing_and_emulated_graphs(tiny_checkpoint):
+    """The opt-in split composes with the training stack: 4-bit + fused LoRA + offloaded checkpointing + (emulated)
+    CUDA graphs give the stock path's losses and LoRA gradients."""
+    from hf_fastvision import FastVisionModel
+    from hf_fastvision.training.checkpointing import enable_checkpointing
+
+    results = []
+    for patches, graphs in ((None, False), ({"vision_attention_split": True}, "emulate")):
+        kwargs = {"patches": patches} if patches else {}
+        model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("mllama")), max_seq_length=256,
+                                                           **kwargs)
+        peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(pname))) * 0.2)
+        enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs=graphs)
+        batch = sample_batch(processor, "mllama", 2)
+        opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.01)
+        losses, grads = [], {}
+        for _ in range(3):
+            opt.zero_grad()
+            loss = peft_model(**batch).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+            opt.step()
+        results.append((torch.stack(losses), grads))
+        if patches:  # the split really ran (its one-time mask check passed in every vision layer)
+            split_layers = _attention_modules(peft_model.get_base_model())
+            assert split_layers and all(m.__dict__.get("_hffv_split_mask_ok") for m in split_layers)
+    (ref_losses, ref_grads), (losses, grads) = results
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any("vision_model" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
