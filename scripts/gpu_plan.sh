@@ -2,6 +2,7 @@
 # The GPU measurements still owed (issues 4 and 7), as commands that each fit the GPU machine's 10-minute limit and
 # bring back at most 8 files (more than 8 under $OUT are dropped). Run on the GPU machine from the repo root, with
 # the kit carried (`.devkit`), one part per call:
+#   bash scripts/gpu_plan.sh first      # tests + mva + nf4 below, in one call (start here)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
@@ -16,6 +17,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/gpu_plan_out}
 mkdir -p "$out"
 case "${1:-}" in
+  first)  # the quick ones in one call (about 4 minutes): GPU tests, the attention microbench, the nf4 kernel
+    timeout 240 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
+    tail -5 "$out/gpu_tests.txt"
+    timeout 150 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -10
+    timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -14 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
