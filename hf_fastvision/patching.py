@@ -255,12 +255,10 @@ def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> An
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit
-    from hf_fastvision.quantization import canonical_4bit
 
     name = self.active_adapters[0]
     base = self.get_base_layer()
     fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter; the module keeps it
-    canonical_4bit(base.weight)  # a CPU inference forward leaves it in bitsandbytes' CPU GEMV layout
     return lora_linear_4bit(x, base.weight, base.weight.quant_state, self.lora_A[name].weight,
                             self.lora_B[name].weight, self.scaling[name], base.bias)
 
@@ -275,10 +273,16 @@ def apply_lora_patches(model: nn.Module, options: Any = None) -> int:
     opts = PatchOptions.from_value(options if options is not None else model.__dict__.get("_hffv_patch_options"))
     if not opts.lora:
         return 0
+    from hf_fastvision.quantization import canonical_4bit, keep_canonical_packing
+
+    # the fused op dequantizes the canonical layout: undo a CPU GEMV repacking done before (a model not loaded by
+    # us), and keep bitsandbytes from doing one later
+    keep_canonical_packing(model)
     count = 0
     for module in model.modules():
         cls = type(module)
         if cls.__name__ == "Linear4bit" and cls.__module__.startswith("peft.") and hasattr(module, "lora_A"):
+            canonical_4bit(module.get_base_layer().weight)
             count += _bind(module, "lora", _lora_4bit_forward)
     return count
 

@@ -26,15 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_fastvision.inference.decode_kernels import _is_linear4bit
+
 __all__ = ["bind_dense_decode", "unbind_dense_decode", "dense_decode_bound", "dense_decode_bytes", "dense_decode_held"]
 
 _BUF = "_hffv_dense_weight"
 _PREV = "_hffv_dense_prev_forward"
-
-
-def _is_linear4bit(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
 
 
 def _vision_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -119,7 +119,9 @@ _DECODE_WEIGHTS = ("auto", "16bit", "4bit")
 
 
 def _has_4bit(model: nn.Module) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    from hf_fastvision.inference.decode_kernels import _is_linear4bit
+
+    return any(_is_linear4bit(m) for m in model.modules())
 
 
 def _dense_copy_fits(choice: str, need: int, per_seq: int, free: int, utilization: float) -> bool:

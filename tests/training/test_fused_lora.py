@@ -69,3 +69,28 @@ def test_lora_flag_off_binds_nothing(tiny_checkpoint):
     model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")), patches={"lora": False})
     peft_model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     assert "lora" not in set(patched_modules(peft_model).values())
+
+
+def test_fused_op_reads_the_canonical_layout_after_a_cpu_repacking(tiny_checkpoint):
+    """A model that ran bitsandbytes' CPU GEMV before LoRA (its weights repacked, e.g. loaded by stock transformers)
+    gets its weights back in the layout the fused op dequantizes, and no repacking afterwards."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+    model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")), max_seq_length=256)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True  # what a stock load leaves
+    model.eval()
+    batch = sample_batch(processor, "qwen2_vl", 1)
+    with torch.no_grad():
+        model(**batch)
+    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    fused, _ = _loss_and_grads(peft_model, batch)
+    with unpatched(peft_model):
+        reference, _ = _loss_and_grads(peft_model, batch)
+    assert_close(fused, reference, dtype=torch.float32)
