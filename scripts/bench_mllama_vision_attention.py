@@ -13,7 +13,8 @@ Two maskless calls (which may take the flash kernels) on gathered rows compute t
 using 1 of 4 tiles they also do 44% of the work. This script times, forward + backward, per variant:
 `sdpa_masked` (what the model does), `sdpa_masked_efficient` (the same call forced onto the mem-efficient
 backend), `split` (the two maskless calls on gathered rows: a host sync for the counts), `varlen_split` (the same
-split as one static-shape flash varlen call, `varlen_split_attention`: what a CUDA-graphed layer could run), and
+split as one static-shape flash varlen call: `archs/_mllama_vision_attention.split_attention`, what the opt-in
+`vision_attention_split` patch runs), and
 checks each against an fp32 reference. Results decide whether
 the split becomes a patch (`archs/`), which also has to live with CUDA graphs (the gathered sizes depend on the
 image's tiles, known when the batch is built).
@@ -32,18 +33,7 @@ import time
 from pathlib import Path
 
 
-def mllama_mask(valid_tiles: int, max_tiles: int, patches: int, padded: int, dtype, device):
-    """The additive mask transformers builds for one image (`_prepare_aspect_ratio_attention_mask`)."""
-    import torch
-
-    length = patches + padded
-    real = torch.zeros(max_tiles, length, device=device)
-    real[:valid_tiles, :patches] = 1.0
-    pad = (1.0 - real).reshape(1, max_tiles * length, 1).to(dtype)
-    return (pad @ pad.transpose(-1, -2) * torch.finfo(dtype).min).unsqueeze(1), real.reshape(-1).bool()
-
-
-def split_attention(q, k, v, real, scale):
+def gather_split_attention(q, k, v, real, scale):
     """Exact Mllama vision attention without a mask: real queries over all keys, padding queries over real keys."""
     import torch
     import torch.nn.functional as F
@@ -53,30 +43,6 @@ def split_attention(q, k, v, real, scale):
     if (~real).any():
         out[:, :, ~real] = F.scaled_dot_product_attention(q[:, :, ~real], k[:, :, real], v[:, :, real], scale=scale)
     return out
-
-
-def varlen_split_attention(q, k, v, real, scale):
-    """The same split in one flash varlen call with static shapes (CUDA graph friendly; batch 1 here).
-
-    Rows are permuted real-first; the keys are packed twice: query segment 0 (the real queries, a device-computed
-    count) takes every key of copy 0, segment 1 (the padding queries) the first ``n_real`` keys of copy 1
-    (``seqused_k``). No host sync: the counts live in device tensors, ``max_q = max_k = L``."""
-    import torch
-    from torch.nn.attention.varlen import varlen_attn
-
-    length = q.shape[2]
-    perm = torch.argsort((~real).to(torch.int8), stable=True)  # real patches first
-    inv = torch.argsort(perm)
-    qp, kp, vp = (t[0].transpose(0, 1)[perm] for t in (q, k, v))  # [L, heads, dim]
-    n_real = real.sum().to(torch.int32).reshape(1)
-    full = torch.full((1,), length, dtype=torch.int32, device=q.device)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu_q = torch.cat([zero, n_real, full])
-    cu_k = torch.cat([zero, full, 2 * full])
-    used_k = torch.cat([full, n_real])
-    out = varlen_attn(qp, torch.cat([kp, kp]), torch.cat([vp, vp]), cu_q, cu_k, length, length, scale=scale,
-                      seqused_k=used_k)
-    return out[inv].transpose(0, 1).unsqueeze(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from hf_fastvision.archs._mllama_vision_attention import split_attention, vision_mask
+
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     scale = args.head_dim**-0.5
     rows = []
     for tiles in args.tiles:
-        mask, real = mllama_mask(tiles, 4, args.patches, args.padded, dtype, device)
+        mask, real = vision_mask([tiles], 4, args.patches, args.padded, dtype, device)
         length = real.numel()
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(1, args.heads, length, args.head_dim, device=device, dtype=dtype, generator=g)
@@ -117,15 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
 
         def split():
+            return gather_split_attention(qq, kk, vv, real[0], scale)
+
+        def varlen_split():  # what the opt-in patch runs
             return split_attention(qq, kk, vv, real, scale)
 
-        def varlen_split():
-            return varlen_split_attention(qq, kk, vv, real, scale)
-
-        variants = {"sdpa_masked": masked, "split": split}
+        variants = {"sdpa_masked": masked, "split": split, "varlen_split": varlen_split}  # CPU: a torch varlen
         if cuda:
             variants["sdpa_masked_efficient"] = masked_efficient
-            variants["varlen_split"] = varlen_split  # flash varlen: CUDA only
         for name, fn in variants.items():
             qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             row = {"tiles": tiles, "tokens": length, "variant": name}

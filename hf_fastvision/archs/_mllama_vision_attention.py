@@ -31,10 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference"]
+__all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference", "vision_mask"]
 
 logger = logging.getLogger(__name__)
 _CHECKED = "_hffv_split_mask_ok"
+
+
+def vision_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int, dtype=torch.float32, device=None):
+    """``(mask, real)`` as Mllama builds them (`_prepare_aspect_ratio_attention_mask`) for images using
+    ``valid_tiles[b]`` of ``tiles`` tiles of ``patches`` real + ``padded`` padding patches: the additive
+    ``[batch, 1, L, L]`` mask and the ``[batch, L]`` bool of real patches (for tests and benchmarks)."""
+    length = patches + padded
+    real = torch.zeros(len(valid_tiles), tiles, length, device=device)
+    for b, n in enumerate(valid_tiles):
+        real[b, :n, :patches] = 1.0
+    pad = (1.0 - real).reshape(len(valid_tiles), tiles * length, 1).to(dtype)
+    mask = (pad @ pad.transpose(-1, -2) * torch.finfo(dtype).min).unsqueeze(1)
+    return mask, real.reshape(len(valid_tiles), -1).bool()
 
 
 def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, seqused_k=None):

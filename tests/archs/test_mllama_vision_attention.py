@@ -7,25 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_fastvision import AutoFastVisionModel
-from hf_fastvision.archs._mllama_vision_attention import split_attention, varlen_reference
+from hf_fastvision.archs._mllama_vision_attention import split_attention, varlen_reference, vision_mask
 from hf_fastvision.archs.tiny import sample_batch, tiny_processor
 from hf_fastvision.patching import patched_modules
 
 
-def _mllama_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The additive mask transformers builds (`_prepare_aspect_ratio_attention_mask`), one row per image."""
-    length = patches + padded
-    real = torch.zeros(len(valid_tiles), tiles, length)
-    for b, n in enumerate(valid_tiles):
-        real[b, :n, :patches] = 1.0
-    pad = (1.0 - real).reshape(len(valid_tiles), tiles * length, 1)
-    mask = (pad @ pad.transpose(-1, -2) * torch.finfo(torch.float32).min).unsqueeze(1)
-    return mask, real.reshape(len(valid_tiles), -1).bool()
-
-
 @pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3], [2, 0]])
 def test_split_equals_masked_sdpa_with_gradients(valid_tiles):
-    mask, real = _mllama_mask(valid_tiles, tiles=4, patches=9, padded=3)
+    mask, real = vision_mask(valid_tiles, tiles=4, patches=9, padded=3)
     length = real.shape[1]
     torch.manual_seed(0)
     q, k, v = (torch.randn(len(valid_tiles), 2, length, 8, requires_grad=True) for _ in range(3))

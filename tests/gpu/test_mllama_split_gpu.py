@@ -7,22 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fastvision.archs._mllama_vision_attention import split_attention
+from hf_fastvision.archs._mllama_vision_attention import split_attention, vision_mask
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _case(valid_tiles, patches=200, padded=7, heads=4, dim=80):
-    length = patches + padded
-    real = torch.zeros(len(valid_tiles), 4, length, device="cuda")
-    for b, n in enumerate(valid_tiles):
-        real[b, :n, :patches] = 1.0
-    pad = (1.0 - real).reshape(len(valid_tiles), -1, 1).bfloat16()
-    mask = (pad @ pad.transpose(-1, -2) * torch.finfo(torch.bfloat16).min).unsqueeze(1)
+    mask, real = vision_mask(valid_tiles, 4, patches, padded, torch.bfloat16, "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = [torch.randn(len(valid_tiles), heads, 4 * length, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    qkv = [torch.randn(len(valid_tiles), heads, real.shape[1], dim, device="cuda", dtype=torch.bfloat16, generator=g)
            for _ in range(3)]
-    return qkv, mask, real.reshape(len(valid_tiles), -1).bool(), dim**-0.5
+    return qkv, mask, real, dim**-0.5
 
 
 @pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3]])
