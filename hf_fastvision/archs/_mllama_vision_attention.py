@@ -12,14 +12,16 @@ Mllama's vision encoder attends over 4 tiles x 1608 patches with the additive ma
 
 On an H200 the masked cuDNN kernels of these 40 layers took 36% of a Llama-3.2-11B-Vision QLoRA step's GPU time
 (`scripts/results/h200_2026-12-01b_profile_llama/`). This forward computes the same function as one variable-length
-flash call with static shapes (CUDA-graph friendly, no host sync): rows permuted real-first, the keys packed twice,
-query segment 0 (real queries) over every key of copy 0 and segment 1 (padding queries) over the first ``n_real``
-keys of copy 1 (``seqused_k``). On an image using 1 of 4 tiles that is 44% of the masked call's work.
+flash call with static shapes (CUDA-graph friendly, no host sync): rows permuted real-first and the keys packed
+twice; per image three segments, query rows ``[real | padding | none]`` against key rows ``[copy 0: all |
+copy 1: real | copy 1: padding]``, so real queries see every key and padding queries the real keys. Only the
+``cu_seq`` offsets depend on the image (device tensors); no ``seqused_k``, which torch 2.11's ``varlen_attn`` lacks.
+On an image using 1 of 4 tiles that is 44% of the masked call's work.
 
 `varlen_reference` computes the varlen call in plain torch (CPU, and the tests); CUDA uses
 ``torch.nn.attention.varlen.varlen_attn``. Anything unexpected (another attention implementation, a mask of
-another form, no varlen kernel) runs the stock forward. **Not measured on a GPU yet**, hence off by default
-(`scripts/bench_mllama_vision_attention.py` times it; `patches={"vision_attention_split": True}` turns it on).
+another form, no varlen kernel) runs the stock forward. `scripts/bench_mllama_vision_attention.py` times it
+(`patches={"vision_attention_split": True}` turns it on).
 """
 
 from __future__ import annotations
@@ -50,15 +52,13 @@ def vision_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int, d
     return mask, real.reshape(len(valid_tiles), -1).bool()
 
 
-def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, seqused_k=None):
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
     """``varlen_attn``'s result in plain torch: query rows ``cu_q[i]:cu_q[i+1]`` attend to key rows
-    ``cu_k[i]:cu_k[i] + seqused_k[i]`` (or ``:cu_k[i+1]``); ``[tokens, heads, dim]`` layout; empty rows give 0."""
+    ``cu_k[i]:cu_k[i+1]``; ``[tokens, heads, dim]`` layout; a segment without keys gives 0."""
     out = torch.zeros_like(q)
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    used = seqused_k.tolist() if seqused_k is not None else None
     for i in range(len(bq) - 1):
-        q0, q1, k0 = bq[i], bq[i + 1], bk[i]
-        k1 = k0 + used[i] if used is not None else bk[i + 1]
+        q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
         if q1 > q0 and k1 > k0:
             part = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
                                                   v[k0:k1].transpose(0, 1), scale=scale)
@@ -69,9 +69,19 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, seqused_k
 def _varlen_kernel(device: torch.device) -> Any:
     if device.type != "cuda":
         return varlen_reference
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn  # ImportError on a torch without it: the caller falls back
 
-    return varlen_attn
+    if "scale" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn
+
+    def default_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):  # an early varlen_attn: 1/sqrt(dim) only
+        if scale is not None:
+            q = q * (scale * q.shape[-1] ** 0.5)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    return default_scale
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, scale: float,
@@ -88,16 +98,17 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: tor
 
     qp, kp, vp = rows(q), rows(k), rows(v)
     n_real = real.sum(-1).to(torch.int32)  # [batch]
-    starts = torch.arange(batch, device=q.device, dtype=torch.int32) * length
-    total = torch.full((1,), batch * length, device=q.device, dtype=torch.int32)
-    cu_q = torch.cat([torch.stack([starts, starts + n_real], dim=-1).reshape(-1), total])
-    cu_k = torch.arange(2 * batch + 1, device=q.device, dtype=torch.int32) * length
-    full = torch.full_like(n_real, length)
-    used_k = torch.stack([full, n_real], dim=-1).reshape(-1)
+    n_keys = torch.where(n_real == 0, length, n_real)  # no empty key segment (such an image is replaced below)
+    b = torch.arange(batch, device=q.device, dtype=torch.int32)
+    # per image: query rows [real | padding | none], key rows [copy 0: all | copy 1: real | copy 1: padding]
+    q_ends = torch.stack([b * length + n_real, (b + 1) * length, (b + 1) * length], dim=-1)
+    k_ends = torch.stack([2 * b * length + length, 2 * b * length + length + n_keys, 2 * (b + 1) * length], dim=-1)
+    zero = torch.zeros(1, device=q.device, dtype=torch.int32)
+    cu_q = torch.cat([zero, q_ends.reshape(-1)])
+    cu_k = torch.cat([zero, k_ends.reshape(-1)])
     keys = torch.cat([kp, kp], dim=1).reshape(2 * batch * length, heads, dim)
     values = torch.cat([vp, vp], dim=1).reshape(2 * batch * length, heads, dim)
-    out = varlen(qp.reshape(batch * length, heads, dim), keys, values, cu_q, cu_k, length, length, scale=scale,
-                 seqused_k=used_k)
+    out = varlen(qp.reshape(batch * length, heads, dim), keys, values, cu_q, cu_k, length, length, scale=scale)
     out = out.reshape(batch, length, heads, dim)
     # an image without a real patch: the stock mask makes every score `min`, i.e. uniform attention
     mean_v = v.mean(dim=2, keepdim=True).transpose(1, 2)  # [batch, 1, heads, dim]
