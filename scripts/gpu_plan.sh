@@ -9,6 +9,7 @@
 #   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
 #   bash scripts/gpu_plan.sh llama8k    # Llama-3.2-11B-Vision at 8192: all four systems (the missing cells)
 #   bash scripts/gpu_plan.sh llama_split  # ours with and without the opt-in Mllama vision-attention split
+#   bash scripts/gpu_plan.sh split_four # the split's GPU tests, then (when they pass) all four systems at 2048, split on
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -51,6 +52,15 @@ case "${1:-}" in
       --ours-patches '{"vision_attention_split": true}' --out /tmp/ls_on > /dev/null 2>&1
     cp /tmp/ls_off/results.md "$out/split_off.md"; cp /tmp/ls_on/results.md "$out/split_on.md"
     cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; tail -2 "$out/split_off.md" "$out/split_on.md" ;;
+  split_four)
+    timeout 90 python -m pytest -q tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -15 > "$out/split_tests.txt"
+    tail -3 "$out/split_tests.txt"
+    if grep -q " passed" "$out/split_tests.txt" && ! grep -q "failed" "$out/split_tests.txt"; then
+      python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours unsloth hf liger --steps 6 \
+        --ours-patches '{"vision_attention_split": true}' --budget 480 --out /tmp/llama > /dev/null 2>&1
+      cp /tmp/llama/results.md /tmp/llama/results.csv /tmp/llama/workers.log "$out/"
+      tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log"
+    fi ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

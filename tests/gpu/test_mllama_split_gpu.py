@@ -20,7 +20,7 @@ def _case(valid_tiles, patches=200, padded=7, heads=4, dim=80):
     return qkv, mask, real, dim**-0.5
 
 
-@pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3]])
+@pytest.mark.parametrize("valid_tiles", [[1], [4], [1, 3], [0, 2]])
 def test_varlen_split_equals_masked_sdpa(valid_tiles):
     pytest.importorskip("torch.nn.attention.varlen")
     (q, k, v), mask, real, scale = _case(valid_tiles)
