@@ -27,12 +27,17 @@ def test_varlen_split_equals_masked_sdpa(valid_tiles):
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), scale=scale)
     got = split_attention(q, k, v, real, scale)
-    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+    # an image without a real patch: CUDA's fused SDPA kernels disagree with the math definition there (some give 0
+    # for rows that are all `min`), and such an image never reaches the loss; compare the images that have patches
+    some = real.any(-1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float()[some], ref[some], rtol=2e-2, atol=2e-2)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     got_grads = torch.autograd.grad(got.float(), (q, k, v), grad)
     for a, b in zip(got_grads, ref_grads):
-        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float()[some], b.float()[some], rtol=5e-2, atol=5e-2)
 
 
 def test_varlen_split_captures_in_a_cuda_graph():
