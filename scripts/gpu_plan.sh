@@ -61,6 +61,14 @@ case "${1:-}" in
       cp /tmp/llama/results.md /tmp/llama/results.csv /tmp/llama/workers.log "$out/"
       tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log"
     fi ;;
+  split_ab)  # ours with the split, then without (same checkpoint, one command)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 150 \
+      --ours-patches '{"vision_attention_split": true}' --out /tmp/ls_on > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 \
+      --budget 120 --out /tmp/ls_off > /dev/null 2>&1
+    cp /tmp/ls_off/results.md "$out/split_off.md"; cp /tmp/ls_on/results.md "$out/split_on.md"
+    cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; tail -1 "$out/split_on.md" "$out/split_off.md"
+    grep "CUDA graphs" "$out/split_on_workers.log" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -126,6 +126,15 @@ def _mask_has_split_form(mask: torch.Tensor, real: torch.Tensor) -> bool:
     return bool(((m <= lowest) == both).all()) and bool((m[~both] == 0).all())
 
 
+def _attention_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype SDPA would compute in: autocast's, else the input's; None where the flash kernel cannot run it."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if kind == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return dtype
+
+
 def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
                                    attention_mask: torch.Tensor | None = None, **kwargs: Any):
     """Drop-in ``forward`` for ``MllamaVisionAttention`` (same arguments, same result)."""
@@ -153,8 +162,12 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         self.__dict__[_CHECKED] = False
         logger.warning("vision_attention_split: no varlen flash kernel in this torch (%s); stock attention", exc)
         return original_forward(self)(hidden_states, attention_mask=attention_mask)
+    dtype = _attention_dtype(hidden_states)
+    if dtype is None:  # fp32 on CUDA without autocast: the flash kernels take 16-bit only
+        return original_forward(self)(hidden_states, attention_mask=attention_mask)
     shape = (batch, length, self.num_heads, self.head_dim)
     q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
     out = split_attention(q, k, v, real, self.scaling, varlen)
     out = out.transpose(1, 2).reshape(batch, length, -1).contiguous()
     return self.o_proj(out), None
