@@ -1,4 +1,4 @@
-"""Mllama vision attention as an exact maskless split (opt-in `vision_attention_split`) == the masked SDPA call."""
+"""Mllama vision attention as an exact maskless split (`vision_attention_split`, on by default) == the masked SDPA call."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from hf_fastvision import AutoFastVisionModel
-from hf_fastvision.archs._mllama_vision_attention import split_attention, varlen_reference, vision_mask
+from hf_fastvision.archs._mllama_vision_attention import (
+    _attention_dtype,
+    split_attention,
+    varlen_reference,
+    vision_mask,
+)
 from hf_fastvision.archs.tiny import sample_batch, tiny_processor
 from hf_fastvision.patching import patched_modules
 
@@ -37,13 +42,13 @@ def _attention_modules(model):
     return [m for n, m in model.named_modules() if type(m).__name__ == "MllamaVisionAttention"]
 
 
-def test_patch_is_opt_in_and_exact_on_tiny_mllama(tiny_checkpoint):
+def test_patch_is_on_by_default_and_exact_on_tiny_mllama(tiny_checkpoint):
     folder = tiny_checkpoint("mllama")
-    stock = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32)
+    stock = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32,
+                                                patches={"vision_attention_split": False})
     assert not any(patched_modules(stock).get(n) for n, m in stock.named_modules()
-                   if type(m).__name__ == "MllamaVisionAttention"), "off by default"
-    split = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32,
-                                                patches={"vision_attention_split": True})
+                   if type(m).__name__ == "MllamaVisionAttention"), "the flag turns it off"
+    split = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32)
     names = {n for n, m in split.named_modules() if type(m).__name__ == "MllamaVisionAttention"}
     assert names and all(patched_modules(split).get(n) == "vision_attention" for n in names)
     batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
@@ -69,3 +74,23 @@ def test_mask_of_another_form_runs_the_stock_forward(tiny_checkpoint):
     expected = type(attn).forward(attn, hidden, attention_mask=causal)[0]
     torch.testing.assert_close(attn(hidden, attention_mask=causal)[0], expected)
     assert attn.__dict__["_hffv_split_mask_ok"] is False
+
+
+def test_attention_runs_in_the_dtype_autocast_gives_sdpa(tiny_checkpoint):
+    """varlen_attn has no autocast rule: the split casts q/k/v as SDPA's rule would (on CUDA the flash kernel takes
+    16-bit only), so under bf16 autocast it matches the stock forward under the same autocast."""
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("mllama"), load_in_16bit=True, dtype=torch.float32)
+    attn = _attention_modules(model)[0]
+    mask, _real = vision_mask([1, 3], tiles=4, patches=5, padded=2)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, mask.shape[-1], attn.q_proj.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = type(attn).forward(attn, hidden, attention_mask=mask)[0]
+        got = attn(hidden, attention_mask=mask)[0]
+    assert attn.__dict__["_hffv_split_mask_ok"] is True  # the split ran, not the fallback
+    assert got.dtype == expected.dtype == torch.bfloat16
+    x = torch.zeros(2, 3)
+    assert _attention_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _attention_dtype(x) == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
