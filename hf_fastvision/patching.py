@@ -56,7 +56,7 @@ class PatchOptions:
     rms_norm: bool = True
     """Fused RMSNorm (forward and backward in one kernel each)."""
     mlp: bool = True
-    """Fused SwiGLU / GeGLU activation of gated MLPs."""
+    """Fused SwiGLU / GeGLU activation of gated MLPs; Mllama's vision MLP in the autocast dtype (bit-identical)."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
@@ -195,6 +195,10 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
             counts["vision_attention"] += _bind(module, "vision_attention", attention[1])
+            continue
+        vision_mlp = spec.patches.get("vision_mlp") if opts.mlp else None
+        if vision_mlp and _under(name, roots.vision) and type(module).__name__.endswith(vision_mlp[0]):
+            counts["mlp"] += _bind(module, "mlp", vision_mlp[1])
             continue
         if opts.rms_norm and norm_kind and type(module).__name__.endswith("RMSNorm") and isinstance(
             getattr(module, "weight", None), nn.Parameter

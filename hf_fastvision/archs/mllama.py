@@ -2,6 +2,7 @@
 
 from hf_fastvision.archs import _budget
 from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
+from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.registry import ArchSpec, register_arch
 
 MLLAMA = register_arch(
@@ -14,6 +15,8 @@ MLLAMA = register_arch(
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
         patches={"rms_norm": "rms", "mlp": "swiglu",
+                 # PatchOptions.mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
+                 "vision_mlp": ("VisionMLP", vision_mlp_forward),
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream
