@@ -344,8 +344,16 @@ def build_batch(config, model: str, seq: int, batch: int, forward_params: set[st
 # ========================================================================================================
 # parent: build the checkpoint once, then one subprocess per system
 # ========================================================================================================
+def _gate_value() -> float:
+    """The value zero-initialised tanh gates get (`hf_fastvision.archs.tiny.open_zero_gates`: the image reaches
+    the loss)."""
+    from hf_fastvision.archs.tiny import ZERO_GATE_VALUE
+
+    return ZERO_GATE_VALUE
+
+
 def _fingerprint(config) -> str:
-    src = json.dumps({"config": config.to_dict(), "seed": SEED, "gates": ZERO_GATE_VALUE}, sort_keys=True, default=str)
+    src = json.dumps({"config": config.to_dict(), "seed": SEED, "gates": _gate_value()}, sort_keys=True, default=str)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -390,7 +398,9 @@ def prepare(args, device: str) -> dict[str, Any]:
         torch.manual_seed(SEED)
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        info["gates_opened"] = _open_zero_gates(model)
+        from hf_fastvision.archs.tiny import open_zero_gates
+
+        info["gates_opened"] = open_zero_gates(model)
         if device == "cuda":
             torch.cuda.synchronize()
         info["init_s"] = round(time.perf_counter() - t0, 2)
@@ -427,24 +437,6 @@ def prepare(args, device: str) -> dict[str, Any]:
     _write_json(work / "plan.json", bench_plan)
     info["plan"] = bench_plan
     return info
-
-
-ZERO_GATE_VALUE = 0.5
-
-
-def _open_zero_gates(model) -> int:
-    """Set zero-initialised scalar tanh gates (mllama's cross-attention and tile/position-embedding gates) to
-    ZERO_GATE_VALUE. `from_config` initialises them to 0, which cuts the image off from the loss: no gradient
-    would reach the vision tower or the cross-attention projections (a trained checkpoint has them open)."""
-    import torch
-
-    n = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1].endswith("gate") and p.numel() <= 16 and not bool(p.ne(0).any()):
-                p.fill_(ZERO_GATE_VALUE)
-                n += 1
-    return n
 
 
 def _save_processor(model: str, config, folder: Path) -> None:
@@ -610,7 +602,7 @@ def _header_text(meta: dict[str, Any]) -> str:
         f"AdamW lr {LR}; gradient checkpointing on (ours/unsloth: 'unsloth' offload, hf/liger: non-reentrant); "
         f"bf16 autocast {meta.get('autocast', 'on')}.",
         f"checkpoint: {meta.get('checkpoint_gb')} GB bf16 ({meta.get('created')}, {meta.get('create_s')} s), seeded "
-        f"random init" + (f"; {meta['gates_opened']} zero-initialised tanh gates set to {ZERO_GATE_VALUE} so the image "
+        f"random init" + (f"; {meta['gates_opened']} zero-initialised tanh gates set to {_gate_value()} so the image "
                           "reaches the loss" if meta.get("gates_opened") else ""),
     ]
     return "\n".join(lines)
@@ -629,7 +621,7 @@ def parent_main(args) -> int:
     info = prepare(args, device)
     print(f"model: {spec['label']} {info['n_params'] / 1e9:.3f} B params ({info['model_class']}), checkpoint "
           f"{info['checkpoint_gb']} GB {info['created']} in {info['create_s']} s; batch: {info['batch_desc']}"
-          + (f"; {info['gates_opened']} zero tanh gates set to {ZERO_GATE_VALUE}" if info.get("gates_opened") else ""),
+          + (f"; {info['gates_opened']} zero tanh gates set to {_gate_value()}" if info.get("gates_opened") else ""),
           flush=True)
     print(f"plan: {info['plan']['n_quantized']} linears 4-bit, {info['plan']['n_kept']} kept 16-bit, skip "
           f"{info['plan']['skip_modules']}; {info['plan']['n_lora_targets']} LoRA targets (regex matches ours: "

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_fastvision.archs._autocast_narrowing import autocast_dtype, narrows_to
+
 __all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference", "vision_mask"]
 
 logger = logging.getLogger(__name__)
@@ -166,7 +168,16 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     if dtype is None:  # fp32 on CUDA without autocast: the flash kernels take 16-bit only
         return original_forward(self)(hidden_states, attention_mask=attention_mask)
     shape = (batch, length, self.num_heads, self.head_dim)
-    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    if hidden_states.dtype == torch.float32 and autocast_dtype(hidden_states) == dtype and all(
+        narrows_to(p, dtype, hidden_states) for p in projections
+    ):
+        # LayerNorm hands over fp32 under autocast; the projections compute in `dtype` anyway, so each gets its own
+        # narrowed copy (three cast nodes: the input's gradient still sums in fp32) and answers in `dtype`, which
+        # skips the widen-then-narrow of q, k and v (bit-identical, `_autocast_narrowing`)
+        q, k, v = (p(hidden_states.to(dtype)).view(shape).transpose(1, 2) for p in projections)
+    else:
+        q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in projections)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
     out = split_attention(q, k, v, real, self.scaling, varlen)
     out = out.transpose(1, 2).reshape(batch, length, -1).contiguous()

@@ -17,8 +17,8 @@ widening only its output back to ``x.dtype`` gives bit-identical values and grad
 - the output returns in the dtype the stock ``fc2`` gives (``x.dtype`` for a 4-bit one), so the residual stream
   keeps its dtype.
 
-"Computes in the autocast dtype anyway" (`_narrows_to`): a plain ``nn.Linear`` under autocast, a bitsandbytes
-4-bit linear whose compute dtype is the autocast dtype, or a peft LoRA layer over one of those whose call takes
+"Computes in the autocast dtype anyway" (`_autocast_narrowing.narrows_to`): a plain ``nn.Linear`` under autocast,
+a bitsandbytes 4-bit linear whose compute dtype is the autocast dtype, or a peft LoRA layer over one of those whose call takes
 the fused op (4-bit) or peft's path without dropout (16-bit). Anything else (no autocast, fp32 compute dtype,
 dropout, other adapters) runs the stock forward.
 """
@@ -28,40 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_fastvision.archs._autocast_narrowing import answers_in_input_dtype, autocast_dtype, narrows_to
+
 __all__ = ["vision_mlp_forward"]
-
-
-def _is_4bit(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Linear4bit" and hasattr(layer, "compute_dtype")
-
-
-def _narrows_to(layer: nn.Module, dtype: torch.dtype, x: torch.Tensor) -> bool:
-    """Whether ``layer(x)`` computes in ``dtype`` whatever ``x``'s float dtype (under autocast to ``dtype``)."""
-    if type(layer) is nn.Linear:
-        return True
-    if _is_4bit(layer):
-        return layer.compute_dtype == dtype
-    if hasattr(layer, "get_base_layer") and hasattr(layer, "lora_A"):  # peft LoRA
-        from hf_fastvision.patching import _KIND, _lora_fusable
-
-        base = layer.get_base_layer()
-        if _is_4bit(base):
-            return base.compute_dtype == dtype and layer.__dict__.get(_KIND) == "lora" and _lora_fusable(layer, x)
-        if type(base) is not nn.Linear or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-            return False
-        name = layer.active_adapters[0]
-        dropout = layer.lora_dropout[name] if name in layer.lora_dropout else None
-        no_dropout = isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0.0 or not layer.training
-        plain = type(layer.lora_A[name]) is nn.Linear and type(layer.lora_B[name]) is nn.Linear
-        return no_dropout and plain and name not in getattr(layer, "lora_variant", {})
-    return False
-
-
-def _answers_in_input_dtype(layer: nn.Module) -> bool:
-    """4-bit linears (bitsandbytes, and the fused LoRA op over them) return the input's dtype; autocast's
-    ``nn.Linear`` (bare or under peft's LoRA) returns the autocast dtype."""
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    return _is_4bit(base)
 
 
 def _one_kernel_gelu(act: nn.Module) -> bool:
@@ -72,26 +41,18 @@ def _one_kernel_gelu(act: nn.Module) -> bool:
     return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
-        return None
-    dtype = torch.get_autocast_dtype(kind)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
-
-
 def vision_mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Drop-in ``forward`` for ``MllamaVisionMLP`` (``fc1 -> activation -> fc2``): same result, same dtype."""
     from hf_fastvision.patching import original_forward
 
-    dtype = _autocast_dtype(hidden_states)
+    dtype = autocast_dtype(hidden_states)
     if (
         dtype is None
         or hidden_states.dtype != torch.float32
         or not _one_kernel_gelu(self.activation_fn)
-        or not (_narrows_to(self.fc1, dtype, hidden_states) and _narrows_to(self.fc2, dtype, hidden_states))
+        or not (narrows_to(self.fc1, dtype, hidden_states) and narrows_to(self.fc2, dtype, hidden_states))
     ):
         return original_forward(self)(hidden_states)
     narrow = hidden_states.to(dtype)
     out = self.fc2(self.activation_fn(self.fc1(narrow)))
-    return out.to(hidden_states.dtype) if _answers_in_input_dtype(self.fc2) else out
+    return out.to(hidden_states.dtype) if answers_in_input_dtype(self.fc2) else out

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hf_fastvision import FastVisionModel
-from hf_fastvision.archs._mllama_vision_mlp import _narrows_to, vision_mlp_forward
+from hf_fastvision.archs._autocast_narrowing import narrows_to
+from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.archs.tiny import sample_batch, tiny_processor
 from hf_fastvision.patching import _KIND, patched_modules, restore_forward
 
@@ -29,8 +30,25 @@ def _unpatch_vision_mlps(model) -> int:
     return n
 
 
+def _cuda_like_layernorms(model) -> None:
+    """CUDA's autocast runs ``layer_norm`` in fp32 (its fp32 list), CPU's does not: emulate CUDA so the vision
+    stream is fp32 here too, as it is on the GPU (the case these patches exist for)."""
+    import torch.nn.functional as F
+
+    def fp32_forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            w = self.weight.float() if self.weight is not None else None
+            b = self.bias.float() if self.bias is not None else None
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+    for name, m in model.named_modules():
+        if type(m) is nn.LayerNorm and "vision_model" in name:
+            m.forward = fp32_forward.__get__(m)
+
+
 def _model(folder):
     model, _ = FastVisionModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.bfloat16)
+    _cuda_like_layernorms(model)
     torch.manual_seed(0)
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
                                            random_state=0)
@@ -89,10 +107,10 @@ def test_vision_mlp_falls_back_where_the_narrowing_would_change_numbers(tiny_che
     dropout = nn.Dropout(0.1).train()
     name = mlp.fc1.active_adapters[0]
     mlp.fc1.lora_dropout[name] = dropout  # dropout: peft's path, which adds the adapter in fp32 on fp32 input
-    assert not _narrows_to(mlp.fc1, torch.bfloat16, x)
+    assert not narrows_to(mlp.fc1, torch.bfloat16, x)
     plain = nn.Linear(4, 4)
-    assert _narrows_to(plain, torch.bfloat16, x)
-    assert not _narrows_to(nn.Conv1d(4, 4, 1), torch.bfloat16, x)
+    assert narrows_to(plain, torch.bfloat16, x)
+    assert not narrows_to(nn.Conv1d(4, 4, 1), torch.bfloat16, x)
 
 
 def test_vision_mlp_forward_on_a_16bit_mlp_matches_stock_exactly():
@@ -111,3 +129,28 @@ def test_vision_mlp_forward_on_a_16bit_mlp_matches_stock_exactly():
     (ref_x,) = torch.autograd.grad(ref, x, g)
     (got_x,) = torch.autograd.grad(got, x, g)
     assert torch.equal(got_x, ref_x)
+
+
+def test_split_attention_narrows_its_projections_bit_identically(tiny_checkpoint, monkeypatch):
+    """The split vision attention feeds q/k/v projections the narrowed input (they compute in bf16 anyway):
+    same loss and gradients as when each 4-bit projection narrows, widens and the split narrows again."""
+    import hf_fastvision.archs._mllama_vision_attention as mva
+
+    folder = tiny_checkpoint("mllama")
+    model = _model(folder)
+    seen = []
+    for m in model.modules():
+        if type(m).__name__ == "MllamaVisionAttention":
+            m.q_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    loss_n, grads_n = _step(model, batch)
+    assert seen and all(d == torch.bfloat16 for d in seen), seen
+    model.zero_grad(set_to_none=True)
+    seen.clear()
+    monkeypatch.setattr(mva, "narrows_to", lambda *a: False)
+    loss_w, grads_w = _step(model, batch)
+    assert seen and all(d == torch.float32 for d in seen), seen
+    assert torch.equal(loss_n, loss_w)
+    assert any("vision_model" in n and "q_proj" in n for n in grads_w)
+    for n, g in grads_w.items():
+        assert torch.equal(grads_n[n], g), n

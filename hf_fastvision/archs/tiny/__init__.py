@@ -125,6 +125,8 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_processor",
     "tiny_model_and_processor",
+    "open_zero_gates",
+    "ZERO_GATE_VALUE",
     "tiny_images",
     "sample_messages",
     "sample_batch",
@@ -388,8 +390,28 @@ def tiny_model_and_processor(name: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the global RNG
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    open_zero_gates(model)
     model.eval()
     return model, processor
+
+
+ZERO_GATE_VALUE = 0.5
+
+
+def open_zero_gates(model, value: float = ZERO_GATE_VALUE) -> int:
+    """Scalar tanh gates that ``from_config`` initialises to 0 (Mllama's cross-attention and tile/position
+    embedding gates) cut the image off from the loss: no gradient would reach the vision tower, and tests of
+    vision-side patches would compare zeros. Trained checkpoints have them open; so do the tiny ones and the
+    benchmarks' random-weight models (``value``). Returns how many gates were set."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1].endswith("gate") and p.numel() <= 16 and not bool(p.ne(0).any()):
+                p.fill_(value)
+                n += 1
+    return n
 
 
 _COLORS = ((220, 30, 30), (30, 180, 60), (40, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200))
