@@ -7,7 +7,9 @@ path) are left as they are.
 
 - `rms_norm`: every `*RMSNorm` module under the vision/language roots → the fused RMSNorm kernel (Gemma's
   `x·(1+w)` in fp32 where the spec says "gemma").
-- `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
+- `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op;
+  where the spec names a `vision_mlp` (Mllama), that MLP runs in the autocast dtype without the fp32 round trips
+  4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
