@@ -8,8 +8,9 @@
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
 #   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
 #   bash scripts/gpu_plan.sh llama8k    # Llama-3.2-11B-Vision at 8192: all four systems (the missing cells)
-#   bash scripts/gpu_plan.sh llama_split  # ours with and without the opt-in Mllama vision-attention split
-#   bash scripts/gpu_plan.sh split_four # the split's GPU tests, then (when they pass) all four systems at 2048, split on
+#   bash scripts/gpu_plan.sh split_four # the split's GPU tests, then (when they pass) all four systems at 2048
+#   bash scripts/gpu_plan.sh split_ab   # ours with the Mllama vision-attention split (default) and without
+#   bash scripts/gpu_plan.sh memory     # Llama 2048: what is alive at ours' peak, graphs on and off (memory_peak.py)
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -45,34 +46,36 @@ case "${1:-}" in
       --budget 540 --out /tmp/llama8k > /dev/null 2>&1
     cp /tmp/llama8k/results.md /tmp/llama8k/results.csv /tmp/llama8k/workers.log "$out/"
     tail -6 "$out/results.md" ;;
-  llama_split)  # A/B of the opt-in Mllama vision-attention split (same checkpoint, two runs in one command)
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 \
-      --budget 260 --out /tmp/ls_off > /dev/null 2>&1
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 200 \
-      --ours-patches '{"vision_attention_split": true}' --out /tmp/ls_on > /dev/null 2>&1
-    cp /tmp/ls_off/results.md "$out/split_off.md"; cp /tmp/ls_on/results.md "$out/split_on.md"
-    cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; tail -2 "$out/split_off.md" "$out/split_on.md" ;;
   split_four)
     timeout 90 python -m pytest -q tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -15 > "$out/split_tests.txt"
     tail -3 "$out/split_tests.txt"
     if grep -q " passed" "$out/split_tests.txt" && ! grep -q "failed" "$out/split_tests.txt"; then
       python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours unsloth hf liger --steps 6 \
-        --ours-patches '{"vision_attention_split": true}' --budget 480 --out /tmp/llama > /dev/null 2>&1
+        --budget 480 --out /tmp/llama > /dev/null 2>&1
       cp /tmp/llama/results.md /tmp/llama/results.csv /tmp/llama/workers.log "$out/"
       tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log"
     fi ;;
-  split_ab)  # ours with the split, then without (same checkpoint, one command)
+  split_ab)  # ours (split on, the default) and ours with it off (same checkpoint, one command)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 150 \
-      --ours-patches '{"vision_attention_split": true}' --out /tmp/ls_on > /dev/null 2>&1
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 \
-      --budget 120 --out /tmp/ls_off > /dev/null 2>&1
+      --out /tmp/ls_on > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 120 \
+      --ours-patches '{"vision_attention_split": false}' --out /tmp/ls_off > /dev/null 2>&1
     cp /tmp/ls_off/results.md "$out/split_off.md"; cp /tmp/ls_on/results.md "$out/split_on.md"
-    cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; tail -1 "$out/split_on.md" "$out/split_off.md"
+    cp /tmp/ls_on/workers.log "$out/split_on_workers.log"; grep "| ours" "$out/split_on.md" "$out/split_off.md"
     grep "CUDA graphs" "$out/split_on_workers.log" ;;
+  memory)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 150 \
+      --out /tmp/mem_build > /dev/null 2>&1  # builds the checkpoint folder (and a step time for the record)
+    tail -1 /tmp/mem_build/results.md
+    timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mem_on 2>&1 | tail -14
+    timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mem_off \
+      --patches '{"cuda_graphs": false}' 2>&1 | tail -14
+    cp /tmp/mem_on/memory_peak.md "$out/memory_peak_graphs_on.md"; cp /tmp/mem_off/memory_peak.md "$out/memory_peak_graphs_off.md"
+    cp /tmp/mem_on/memory_peak.json "$out/memory_peak_graphs_on.json" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|llama_split|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""What is alive on the GPU at our QLoRA step's peak of allocated memory (GPU only; a diagnostic).
+
+Why: on Llama-3.2-11B-Vision we allocate 1.5 GiB more than Unsloth at seq 2048 (10.63 vs 9.09 GiB; ~0.9 GiB of it
+goes away with ``cuda_graphs`` off), and the benchmark's peak numbers cannot say which tensors make the peak.
+
+How: loads the benchmark checkpoint like `profile_step.py` (bench_scaling's loader: same folder, batch, LoRA),
+records the CUDA caching allocator's history (`torch.cuda.memory._record_memory_history`) from before the first
+step (the CUDA-graph capture steps included) through ``--steps`` steps, replays the alloc/free events to find the
+moment of the highest live total, and groups the blocks alive then by the innermost frame in our code,
+transformers, peft, bitsandbytes or torch.optim. Writes ``<out>/memory_peak.md`` (a table, largest first) and
+``memory_peak.json``; prints the top rows.
+
+    python scripts/bench_qlora.py --model llama32_11b_vision --systems ours --steps 2   # builds the folder
+    python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+OURS = ("hf_fastvision", "transformers", "peft", "bitsandbytes", "torch/optim", "torch/utils/checkpoint")
+
+
+def site_of(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame of interest (``file:line:function``), else the innermost frame, else ``?``."""
+    for f in frames:
+        name = str(f.get("filename", ""))
+        if any(part in name for part in OURS):
+            short = name.split("site-packages/")[-1].split("/work/main/")[-1]
+            return f"{short}:{f.get('line', '?')}:{f.get('name', '?')}"
+    if frames:
+        f = frames[0]
+        return f"{str(f.get('filename', '?')).rsplit('/', 1)[-1]}:{f.get('line', '?')}:{f.get('name', '?')}"
+    return "?"
+
+
+def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, list[int]]]:
+    """Replay ``alloc`` / ``free_requested`` events: ``(peak bytes over the trace, index of the event that reached
+    it, {site: [bytes, blocks]} of the blocks alive at that moment)``. Blocks allocated before the trace began
+    are not in it (the caller adds ``memory_allocated()`` at the start)."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    at = -1
+    for i, e in enumerate(events):
+        action, addr, size = e.get("action"), e.get("addr"), int(e.get("size", 0))
+        if action == "alloc":
+            live[addr] = size
+            total += size
+            if total > peak:
+                peak, at = total, i
+        elif action == "free_requested" and addr in live:
+            total -= live.pop(addr)
+    alive: dict[int, dict[str, Any]] = {}
+    for e in events[: at + 1]:
+        if e.get("action") == "alloc":
+            alive[e["addr"]] = e
+        elif e.get("action") == "free_requested":
+            alive.pop(e.get("addr"), None)
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for e in alive.values():
+        g = groups[site_of(e.get("frames", []))]
+        g[0] += int(e.get("size", 0))
+        g[1] += 1
+    return peak, at, dict(groups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen2_5_vl_7b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gc", default="unsloth")
+    p.add_argument("--steps", type=int, default=4, help="steps recorded from the first (captures included)")
+    p.add_argument("--patches", default=None, help="JSON dict of patch flags for ours (e.g. cuda_graphs off)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--out", default="memory_out")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import bench_scaling as bs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = {"patches": json.loads(args.patches)} if args.patches else {}
+    model = bs._load(args, **kw)
+    batch = bs._batch(args, torch.device("cuda"))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    model.train()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
+    for _ in range(args.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace]
+    peak, at, groups = peak_composition(events)
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    gib = 1024**3
+    summary = {
+        "device": torch.cuda.get_device_name(), "model": args.model, "seq": args.seq, "patches": args.patches,
+        "allocated_before_steps_gib": round(base / gib, 3), "trace_peak_gib": round(peak / gib, 3),
+        "peak_gib": round((base + peak) / gib, 3),
+        "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
+        "max_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
+        "events": len(events), "peak_event": at,
+        "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
+    }
+    (out / "memory_peak.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"# live blocks at the peak: {args.model} seq {args.seq}, patches {args.patches or 'default'}", "",
+             f"before the steps (weights, adapters): {summary['allocated_before_steps_gib']} GiB; peak of the trace "
+             f"+{summary['trace_peak_gib']} GiB = {summary['peak_gib']} GiB (max_memory_allocated "
+             f"{summary['max_memory_allocated_gib']}, reserved {summary['max_memory_reserved_gib']})", "",
+             "| site (innermost frame of ours / transformers / peft / bnb / optim) | GiB | blocks |", "|---|---|---|"]
+    lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
+    (out / "memory_peak.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12 + 15]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""scripts/memory_peak.py's replay of allocator events (the GPU run itself happens on the GPU machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_peak.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("memory_peak", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _frame(path, line, name):
+    return {"filename": path, "line": line, "name": name}
+
+
+def test_peak_composition_finds_the_peak_and_what_is_alive_then():
+    mp = _module()
+    ours = [_frame("/x/site-packages/torch/nn/functional.py", 10, "linear"),
+            _frame("/work/main/hf_fastvision/kernels/lora_linear_4bit.py", 52, "_forward")]
+    hf = [_frame("/x/site-packages/transformers/models/mllama/modeling_mllama.py", 190, "forward")]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": hf},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": hf},   # 120 live: below the first peak of 150
+        {"action": "alloc", "addr": 4, "size": 60, "frames": ours},  # 180 live: the peak
+        {"action": "free_requested", "addr": 4, "size": 60},
+        {"action": "segment_alloc", "addr": 9, "size": 10_000},      # segments are reserved, not allocated
+        {"action": "free_requested", "addr": 77, "size": 5},         # a block from before the trace: ignored
+    ]
+    peak, at, groups = mp.peak_composition(events)
+    assert (peak, at) == (180, 4)
+    assert groups == {"hf_fastvision/kernels/lora_linear_4bit.py:52:_forward": [60, 1],
+                      "transformers/models/mllama/modeling_mllama.py:190:forward": [120, 2]}
+
+
+def test_site_falls_back_to_the_innermost_frame():
+    mp = _module()
+    assert mp.site_of([_frame("/usr/lib/python3/threading.py", 5, "run")]) == "threading.py:5:run"
+    assert mp.site_of([]) == "?"
