@@ -192,13 +192,13 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     attention = spec.patches.get("vision_attention") if opts.vision_attention else None
     if attention is None and opts.vision_attention and opts.vision_attention_split:
         attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
+    vision_mlp = spec.patches.get("vision_mlp") if opts.mlp else None
     for name, module in model.named_modules():
         if not _under(name, scope):
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
             counts["vision_attention"] += _bind(module, "vision_attention", attention[1])
             continue
-        vision_mlp = spec.patches.get("vision_mlp") if opts.mlp else None
         if vision_mlp and _under(name, roots.vision) and type(module).__name__.endswith(vision_mlp[0]):
             counts["mlp"] += _bind(module, "mlp", vision_mlp[1])
             continue

@@ -13,7 +13,7 @@ Two maskless calls (which may take the flash kernels) on gathered rows compute t
 using 1 of 4 tiles they also do 44% of the work. This script times, forward + backward, per variant:
 `sdpa_masked` (what the model does), `sdpa_masked_efficient` (the same call forced onto the mem-efficient
 backend), `split` (the two maskless calls on gathered rows: a host sync for the counts), `varlen_split` (the same
-split as one static-shape flash varlen call: `archs/_mllama_vision_attention.split_attention`, what the opt-in
+split as one static-shape flash varlen call: `archs/_mllama_vision_attention.split_attention`, what the
 `vision_attention_split` patch runs), and
 checks each against an fp32 reference. Results decide whether
 the split becomes a patch (`archs/`), which also has to live with CUDA graphs (the gathered sizes depend on the
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         def split():
             return gather_split_attention(qq, kk, vv, real[0], scale)
 
-        def varlen_split():  # what the opt-in patch runs
+        def varlen_split():  # what the patch runs
             return split_attention(qq, kk, vv, real, scale)
 
         variants = {"sdpa_masked": masked, "split": split, "varlen_split": varlen_split}  # CPU: a torch varlen

@@ -1,4 +1,4 @@
-"""Mllama's vision attention without its L x L mask: an exact split (opt-in patch flag ``vision_attention_split``).
+"""Mllama's vision attention without its L x L mask: an exact split (flag ``vision_attention_split``, on by default).
 
 Mllama's vision encoder attends over 4 tiles x 1608 patches with the additive mask that
 ``_prepare_aspect_ratio_attention_mask`` builds: ``mask[i, j] = min`` exactly when patch i *and* patch j are padding
@@ -21,11 +21,13 @@ On an image using 1 of 4 tiles that is 44% of the masked call's work.
 `varlen_reference` computes the varlen call in plain torch (CPU, and the tests); CUDA uses
 ``torch.nn.attention.varlen.varlen_attn``. Anything unexpected (another attention implementation, a mask of
 another form, no varlen kernel) runs the stock forward. `scripts/bench_mllama_vision_attention.py` times it
-(`patches={"vision_attention_split": True}` turns it on).
+(on by default; `patches={"vision_attention_split": False}` turns it off).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import Any
 
@@ -69,16 +71,19 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
 
 
 def _varlen_kernel(device: torch.device) -> Any:
-    if device.type != "cuda":
-        return varlen_reference
-    import inspect
+    return _cuda_varlen() if device.type == "cuda" else varlen_reference
 
-    from torch.nn.attention.varlen import varlen_attn  # ImportError on a torch without it: the caller falls back
+
+@functools.lru_cache(maxsize=1)
+def _cuda_varlen() -> Any:
+    """torch's flash varlen call, with ``scale=`` (an early ``varlen_attn`` without it gets the scale folded into q);
+    ImportError on a torch without it (the caller falls back). Resolved once: forwards call it per layer."""
+    from torch.nn.attention.varlen import varlen_attn
 
     if "scale" in inspect.signature(varlen_attn).parameters:
         return varlen_attn
 
-    def default_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):  # an early varlen_attn: 1/sqrt(dim) only
+    def default_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):  # 1/sqrt(dim) only
         if scale is not None:
             q = q * (scale * q.shape[-1] ** 0.5)
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
@@ -130,9 +135,8 @@ def _mask_has_split_form(mask: torch.Tensor, real: torch.Tensor) -> bool:
 
 def _attention_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype SDPA would compute in: autocast's, else the input's; None where the flash kernel cannot run it."""
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    if kind == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+    dtype = autocast_dtype(x) or x.dtype
+    if x.device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
         return None
     return dtype
 
@@ -169,7 +173,7 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         return original_forward(self)(hidden_states, attention_mask=attention_mask)
     shape = (batch, length, self.num_heads, self.head_dim)
     projections = (self.q_proj, self.k_proj, self.v_proj)
-    if hidden_states.dtype == torch.float32 and autocast_dtype(hidden_states) == dtype and all(
+    if hidden_states.dtype == torch.float32 and dtype != torch.float32 and all(  # i.e. under 16-bit autocast
         narrows_to(p, dtype, hidden_states) for p in projections
     ):
         # LayerNorm hands over fp32 under autocast; the projections compute in `dtype` anyway, so each gets its own

@@ -1,4 +1,4 @@
-"""Mllama vision attention as an exact maskless split (`vision_attention_split`, on by default) == the masked SDPA call."""
+"""Mllama vision attention as an exact maskless split (`vision_attention_split`, on by default) == masked SDPA."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from hf_fastvision import FastVisionModel
 from hf_fastvision.archs._autocast_narrowing import narrows_to
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.archs.tiny import sample_batch, tiny_processor
-from hf_fastvision.patching import _KIND, patched_modules, restore_forward
+from hf_fastvision.patching import _KIND, _ORIGINAL, patched_modules, restore_forward
 
 pytest.importorskip("bitsandbytes")
 
@@ -24,7 +24,7 @@ def _unpatch_vision_mlps(model) -> int:
     n = 0
     for m in _vision_mlps(model):
         if m.__dict__.get(_KIND) == "mlp":
-            restore_forward(m, m.__dict__.pop("_hffv_original_forward"))
+            restore_forward(m, m.__dict__.pop(_ORIGINAL))
             m.__dict__.pop(_KIND)
             n += 1
     return n

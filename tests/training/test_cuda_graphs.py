@@ -123,17 +123,19 @@ def test_plain_checkpointing_graphs_too_and_disable_drops_them():
     assert _graphs(model) is None
 
 
-@pytest.mark.parametrize("name,patches", [(n, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
-                         + [("mllama", {"vision_attention_split": True})])
-def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, patches, tiny_checkpoint):
+@pytest.mark.parametrize("name,ref_patches",
+                         [(n, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
+                         + [("mllama", {"vision_attention_split": False})])
+def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, tiny_checkpoint):
     """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA.
-    With `patches`, the graphed run also takes those opt-in patches and must still match the stock eager run."""
+    With `ref_patches`, the eager reference runs with those flags (Mllama: the stock masked vision attention) and
+    the graphed run with the defaults (the split), which must still match."""
     if missing := missing_dependencies(name):
         pytest.skip(f"needs {missing}")
     assert name in NAMED_TINY_TYPES
     results = []
     for graphs in (False, "emulate"):
-        extra = {"patches": patches} if graphs and patches else {}
+        extra = {"patches": ref_patches} if not graphs and ref_patches else {}
         model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)), max_seq_length=256, **extra)
         peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
         with torch.no_grad():
@@ -152,7 +154,7 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, patches, tiny_check
             # every checkpointed block is graphed, whichever keyword its hidden state comes by
             expected = {type(m).__name__ for m in checkpointed_layers(peft_model.get_base_model())}
             assert {type(m).__name__ for m in graphed._layers.keys()} == expected
-            if patches:  # the split really ran: its one-time mask check passed in every vision attention
+            if ref_patches:  # the split really ran: its one-time mask check passed in every vision attention
                 split = [m for m in model.modules() if type(m).__name__ == "MllamaVisionAttention"]
                 assert split and all(m.__dict__.get("_hffv_split_mask_ok") for m in split)
     for (l_ref, g_ref), (l_got, g_got) in zip(*results):
