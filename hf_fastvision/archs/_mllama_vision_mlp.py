@@ -19,8 +19,8 @@ widening only its output back to ``x.dtype`` gives bit-identical values and grad
 
 "Computes in the autocast dtype anyway" (`_autocast_narrowing.narrows_to`): a plain ``nn.Linear`` under autocast,
 a bitsandbytes 4-bit linear whose compute dtype is the autocast dtype, or a peft LoRA layer over one of those
-whose call takes the fused op (4-bit) or peft's path without dropout (16-bit). Anything else (no autocast, fp32 compute dtype,
-dropout, other adapters) runs the stock forward.
+whose call takes the fused op (4-bit) or peft's path without dropout (16-bit). Anything else (no autocast, an fp32
+compute dtype, dropout, other adapters) runs the stock forward.
 """
 
 from __future__ import annotations
