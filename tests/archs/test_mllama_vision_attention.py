@@ -94,3 +94,23 @@ def test_attention_runs_in_the_dtype_autocast_gives_sdpa(tiny_checkpoint):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _attention_dtype(x) == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_varlen_attn_without_scale_gets_the_scale_folded_into_q(monkeypatch):
+    """torch releases whose ``varlen_attn`` has no ``scale=`` (1/sqrt(dim) only) still compute Mllama's scale."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from hf_fastvision.archs import _mllama_vision_attention as mva
+
+    def early_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+        return varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k)  # its default scale: 1/sqrt(dim)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", early_varlen_attn)
+    kernel = mva._cuda_varlen.__wrapped__()
+    assert kernel is not early_varlen_attn
+    mask, real = vision_mask([1, 3], tiles=4, patches=5, padded=2)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, real.shape[1], 8) for _ in range(3))
+    for scale in (8**-0.5, 0.3):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        torch.testing.assert_close(split_attention(q, k, v, real, scale, kernel), ref, rtol=1e-5, atol=1e-6)
