@@ -84,6 +84,8 @@ def bind_dense_decode(model: nn.Module, budget_bytes: int | None = None) -> tupl
     `budget_bytes` (None: all of them). Returns ``(layers, bytes)`` newly copied. Idempotent."""
     import bitsandbytes.functional as bnbf
 
+    from hf_fastvision.quantization import canonical_4bit
+
     count = used = 0
     for _name, module in _candidates(model):
         if _BUF in module._buffers:
@@ -91,8 +93,6 @@ def bind_dense_decode(model: nn.Module, budget_bytes: int | None = None) -> tupl
         size = _dense_bytes(module)
         if budget_bytes is not None and used + size > budget_bytes:
             break
-        from hf_fastvision.quantization import canonical_4bit
-
         weight = canonical_4bit(module.weight)
         with torch.no_grad():
             dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(_compute_dtype(module))
