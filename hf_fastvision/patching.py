@@ -7,9 +7,9 @@ path) are left as they are.
 
 - `rms_norm`: every `*RMSNorm` module under the vision/language roots → the fused RMSNorm kernel (Gemma's
   `x·(1+w)` in fp32 where the spec says "gemma").
-- `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op;
-  where the spec names a `vision_mlp` (Mllama), that MLP runs in the autocast dtype without the fp32 round trips
-  4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
+- `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
+- `vision_mlp`: where the spec names one (Mllama), the vision MLP runs in the autocast dtype without the fp32
+  round trips 4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
@@ -58,7 +58,9 @@ class PatchOptions:
     rms_norm: bool = True
     """Fused RMSNorm (forward and backward in one kernel each)."""
     mlp: bool = True
-    """Fused SwiGLU / GeGLU activation of gated MLPs; Mllama's vision MLP in the autocast dtype (bit-identical)."""
+    """Fused SwiGLU / GeGLU activation of gated MLPs."""
+    vision_mlp: bool = True
+    """Mllama's vision MLP in the autocast dtype, without fp32 round trips (bit-identical)."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
@@ -79,7 +81,7 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, fused_loss=False, vision_attention=False,
+            return cls(rms_norm=False, mlp=False, vision_mlp=False, fused_loss=False, vision_attention=False,
                        vision_attention_split=False, lora=False, cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
@@ -192,7 +194,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     attention = spec.patches.get("vision_attention") if opts.vision_attention else None
     if attention is None and opts.vision_attention and opts.vision_attention_split:
         attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
-    vision_mlp = spec.patches.get("vision_mlp") if opts.mlp else None
+    vision_mlp = spec.patches.get("vision_mlp") if opts.vision_mlp else None
     for name, module in model.named_modules():
         if not _under(name, scope):
             continue

@@ -11,6 +11,7 @@
 #   bash scripts/gpu_plan.sh split_four # the split's GPU tests, then (when they pass) all four systems at 2048
 #   bash scripts/gpu_plan.sh split_ab   # ours with the Mllama vision-attention split (default) and without
 #   bash scripts/gpu_plan.sh memory     # Llama 2048: what is alive at ours' peak, graphs on and off (memory_peak.py)
+#   bash scripts/gpu_plan.sh narrow_mem # Mllama GPU tests, ours with/without the vision-MLP narrowing, memory_peak
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -72,6 +73,17 @@ case "${1:-}" in
       --patches '{"cuda_graphs": false}' 2>&1 | tail -14
     cp /tmp/mem_on/memory_peak.md "$out/memory_peak_graphs_on.md"; cp /tmp/mem_off/memory_peak.md "$out/memory_peak_graphs_off.md"
     cp /tmp/mem_on/memory_peak.json "$out/memory_peak_graphs_on.json" ;;
+  narrow_mem)  # ~9 minutes: GPU tests of the Mllama patches, the vision_mlp A/B at 2048, then what is alive at the peak
+    timeout 120 python -m pytest -q tests/gpu/test_mllama_narrowing_gpu.py tests/gpu/test_mllama_split_gpu.py 2>&1 \
+      | tail -15 > "$out/mllama_gpu_tests.txt"; tail -3 "$out/mllama_gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 130 \
+      --out /tmp/nm_on > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 6 --budget 80 \
+      --ours-patches '{"vision_mlp": false}' --out /tmp/nm_off > /dev/null 2>&1
+    cp /tmp/nm_on/results.md "$out/vision_mlp_on.md"; cp /tmp/nm_off/results.md "$out/vision_mlp_off.md"
+    grep "| ours" "$out/vision_mlp_on.md" "$out/vision_mlp_off.md" | cut -c1-220
+    timeout 130 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mem_on 2>&1 | tail -14
+    cp /tmp/mem_on/memory_peak.md "$out/memory_peak_graphs_on.md"; cp /tmp/mem_on/memory_peak.json "$out/" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -1,4 +1,4 @@
-"""Mllama's vision MLP in the autocast dtype (patch flag `mlp`): bit-identical to the stock MLP, which widens to
+"""Mllama's vision MLP in the autocast dtype (patch flag `vision_mlp`): bit-identical to the stock MLP, which widens to
 fp32 between its linears under autocast (LayerNorm feeds it fp32; 4-bit linears answer in their input's dtype)."""
 
 from __future__ import annotations
@@ -154,3 +154,15 @@ def test_split_attention_narrows_its_projections_bit_identically(tiny_checkpoint
     assert any("vision_model" in n and "q_proj" in n for n in grads_w)
     for n, g in grads_w.items():
         assert torch.equal(grads_n[n], g), n
+
+
+def test_vision_mlp_flag_turns_only_the_vision_mlp_off(tiny_checkpoint):
+    folder = str(tiny_checkpoint("mllama"))
+    on, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.bfloat16)
+    off, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.bfloat16,
+                                             patches={"vision_mlp": False})
+    kinds_on, kinds_off = patched_modules(on), patched_modules(off)
+    vision_on = [n for n, k in kinds_on.items() if k == "mlp" and "vision_model" in n]
+    assert vision_on and not [n for n, k in kinds_off.items() if k == "mlp" and "vision_model" in n]
+    assert {n: k for n, k in kinds_on.items() if n not in vision_on} == kinds_off  # text MLPs etc. stay patched
+    assert any(k == "mlp" for k in kinds_off.values())
