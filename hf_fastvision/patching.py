@@ -10,6 +10,8 @@ path) are left as they are.
 - `mlp`: gated MLPs (`gate_proj`/`up_proj`/`down_proj` with SiLU or tanh-GELU) → one fused SwiGLU/GeGLU op.
 - `vision_mlp`: where the spec names one (Mllama), the vision MLP runs in the autocast dtype without the fp32
   round trips 4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
+- `vision_states`: where the spec names one (Mllama), the vision encoders keep only the layer outputs the model
+  reads later instead of all of them (`archs/_mllama_vision_encoder.py`; the same values, ~1 GiB less at the peak).
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
@@ -61,6 +63,8 @@ class PatchOptions:
     """Fused SwiGLU / GeGLU activation of gated MLPs."""
     vision_mlp: bool = True
     """Mllama's vision MLP in the autocast dtype, without fp32 round trips (bit-identical)."""
+    vision_states: bool = True
+    """Mllama's vision encoders keep only the layer outputs the model reads (5 of 40), not all of them."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
@@ -81,7 +85,7 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, vision_mlp=False, fused_loss=False, vision_attention=False,
+            return cls(rms_norm=False, mlp=False, vision_mlp=False, vision_states=False, fused_loss=False, vision_attention=False,
                        vision_attention_split=False, lora=False, cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
@@ -185,7 +189,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     spec = spec or get_arch(model.config)
     opts = PatchOptions.from_value(options)
     model.__dict__["_hffv_patch_options"] = opts  # get_peft_model reads the `lora` flag
-    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0, "vision_states": 0}
     if spec.generic or not spec.patches:
         return counts
     roots = resolve_roots(spec, model)
@@ -195,11 +199,16 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     if attention is None and opts.vision_attention and opts.vision_attention_split:
         attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
     vision_mlp = spec.patches.get("vision_mlp") if opts.vision_mlp else None
+    states = spec.patches.get("vision_states") if opts.vision_states else None
     for name, module in model.named_modules():
         if not _under(name, scope):
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
             counts["vision_attention"] += _bind(module, "vision_attention", attention[1])
+            continue
+        if states and _under(name, roots.vision) and type(module).__name__.endswith(states[0]):
+            if states[2](module, name, model):  # the spec's own check (and set-up) for this instance
+                counts["vision_states"] += _bind(module, "vision_states", states[1])
             continue
         if vision_mlp and _under(name, roots.vision) and type(module).__name__.endswith(vision_mlp[0]):
             counts["mlp"] += _bind(module, "mlp", vision_mlp[1])

@@ -896,7 +896,8 @@ def worker_main(args) -> int:
                       **counts, "note": note})
     print(f"[{system}] loaded in {load_s:.1f} s: {counts}", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    init_state = [p.detach().clone() for p in trainable]
+    # kept on the host: a GPU copy would add the trainable size (0.25 GiB for Llama-11B's LoRA) to every peak
+    init_state = [p.detach().to("cpu", copy=True) for p in trainable]
     import contextlib
 
     def autocast():
@@ -909,7 +910,7 @@ def worker_main(args) -> int:
         if k:
             with torch.no_grad():  # every seq starts from the same LoRA weights and a fresh optimizer
                 for p, p0 in zip(trainable, init_state):
-                    p.copy_(p0)
+                    p.copy_(p0.to(p.device))
         batch = {key: v.to(device) for key, v in batches[seq].items()}
         opt = torch.optim.AdamW(trainable, lr=LR)
         model.train()

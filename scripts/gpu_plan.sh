@@ -12,6 +12,7 @@
 #   bash scripts/gpu_plan.sh split_ab   # ours with the Mllama vision-attention split (default) and without
 #   bash scripts/gpu_plan.sh memory     # Llama 2048: what is alive at ours' peak, graphs on and off (memory_peak.py)
 #   bash scripts/gpu_plan.sh narrow_mem # Mllama GPU tests, ours with/without the vision-MLP narrowing, memory_peak
+#   bash scripts/gpu_plan.sh mem2       # ours at 2048+8192 (lean vision states), then memory_peak at both seqs
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -84,6 +85,14 @@ case "${1:-}" in
     grep "| ours" "$out/vision_mlp_on.md" "$out/vision_mlp_off.md" | cut -c1-220
     timeout 130 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mem_on 2>&1 | tail -14
     cp /tmp/mem_on/memory_peak.md "$out/memory_peak_graphs_on.md"; cp /tmp/mem_on/memory_peak.json "$out/" ;;
+  mem2)  # ~6 minutes
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 200 \
+      --out /tmp/m2 > /dev/null 2>&1
+    cp /tmp/m2/results.md /tmp/m2/results.csv "$out/"; grep "| ours" "$out/results.md" | cut -c1-200
+    for seq in 2048 8192; do
+      timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq $seq --out /tmp/mp$seq 2>&1 | head -4
+      cp /tmp/mp$seq/memory_peak.md "$out/memory_peak_$seq.md"; cp /tmp/mp$seq/memory_peak.json "$out/memory_peak_$seq.json"
+    done ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -101,16 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
     model.train()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
-    for _ in range(args.steps):
+    step_peaks = []
+    for i in range(args.steps):  # bench_qlora's loop: the output lives through backward and the optimizer step
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            out = model(**batch)
+        loss = out.loss
         loss.backward()
         opt.step()
+        if i < 2:  # the bench's gradient check, same temporaries
+            norms = [q.grad.detach().float().norm() for q in opt.param_groups[0]["params"] if q.grad is not None]
+            float(torch.stack(norms).norm()) if norms else 0.0
         opt.zero_grad(set_to_none=True)
-        del loss
+        del out, loss
+        torch.cuda.synchronize()
+        step_peaks.append(round(torch.cuda.max_memory_allocated() / 1024**3, 3))
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -124,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
         "peak_gib": round((base + peak) / gib, 3),
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
         "max_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
-        "events": len(events), "peak_event": at,
+        "events": len(events), "peak_event": at, "max_allocated_after_each_step_gib": step_peaks,
+        "peak_stack": [f"{str(f.get('filename', '?')).split('site-packages/')[-1]}:{f.get('line', '?')}:"
+                       f"{f.get('name', '?')}" for f in (events[at].get("frames", []) if at >= 0 else [])[:40]],
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
     }
     (out / "memory_peak.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# live blocks at the peak: {args.model} seq {args.seq}, patches {args.patches or 'default'}", "",
              f"before the steps (weights, adapters): {summary['allocated_before_steps_gib']} GiB; peak of the trace "
              f"+{summary['trace_peak_gib']} GiB = {summary['peak_gib']} GiB (max_memory_allocated "
-             f"{summary['max_memory_allocated_gib']}, reserved {summary['max_memory_reserved_gib']})", "",
+             f"{summary['max_memory_allocated_gib']}, reserved {summary['max_memory_reserved_gib']}; after each step "
+             f"{step_peaks})", "",
              "| site (innermost frame of ours / transformers / peft / bnb / optim) | GiB | blocks |", "|---|---|---|"]
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
+    lines += ["", "the allocation that reached the peak (innermost first):", ""]
+    lines += [f"- `{f}`" for f in summary["peak_stack"] if "/torch/nn/modules/module.py" not in f]
     (out / "memory_peak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12 + 15]))
     return 0

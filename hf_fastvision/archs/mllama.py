@@ -2,6 +2,7 @@
 
 from hf_fastvision.archs import _budget
 from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
+from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.registry import ArchSpec, register_arch
 
@@ -15,7 +16,9 @@ MLLAMA = register_arch(
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
         patches={"rms_norm": "rms", "mlp": "swiglu",
-                 # PatchOptions.mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
+                 # PatchOptions.vision_states: the encoders keep only the layer outputs the vision model reads
+                 "vision_states": ("VisionEncoder", lean_encoder_forward, prepare_lean_encoder),
+                 # PatchOptions.vision_mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
                  "vision_mlp": ("VisionMLP", vision_mlp_forward),
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},

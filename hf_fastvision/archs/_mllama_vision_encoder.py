@@ -1,0 +1,60 @@
+"""Mllama's vision encoders keep only the layer outputs the model reads (patch flag ``vision_states``).
+
+``MllamaVisionEncoder.forward`` appends every layer's output to ``hidden_states`` and ``MllamaVisionModel`` holds
+both encoders' results until it returns. It then reads five of them (``intermediate_layers_indices``, e.g.
+``[3, 7, 15, 23, 30]``) from the 32-layer local encoder and none from the 8-layer global encoder. So in training
+the end of the vision forward holds 39 layer outputs at once. On Llama-3.2-11B-Vision each is
+``[1, 6432, 1280]`` fp32 (autocast runs LayerNorm in fp32, so the vision residual stream is fp32): 1.2 GiB. That
+moment was the peak of our whole QLoRA step at seq 2048 (``scripts/memory_peak.py``).
+
+Layers that checkpoint already save (or offload) their own input for the recompute, so the other outputs serve
+no one. The patched forward runs the same layers in the same order with the same arguments, so the values are
+identical. Its ``hidden_states`` tuple has the stock length and holds the outputs at the read indices; the other
+entries are ``None``. Which indices are read is fixed when the patch is bound, from the owning vision model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["lean_encoder_forward", "prepare_lean_encoder"]
+
+_KEEP = "_hffv_keep_states"
+
+
+def prepare_lean_encoder(module: nn.Module, name: str, model: nn.Module) -> bool:
+    """Bind only an encoder that is the ``transformer`` or ``global_transformer`` of an Mllama vision model whose
+    reads are known; records which layer outputs that model reads."""
+    parent_name = name.rpartition(".")[0]
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        return False
+    indices = getattr(parent, "intermediate_layers_indices", None)
+    if getattr(parent, "transformer", None) is module and indices is not None:
+        keep = frozenset(int(i) for i in indices)
+    elif getattr(parent, "global_transformer", None) is module:
+        keep = frozenset()
+    else:
+        return False
+    n = len(module.layers)
+    if any(not -n <= i < n for i in keep):
+        return False
+    module.__dict__[_KEEP] = frozenset(i % n for i in keep)
+    return True
+
+
+def lean_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         **kwargs: Any):
+    """Drop-in ``forward`` for ``MllamaVisionEncoder``: the stock loop, keeping only the outputs read later."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    keep = self.__dict__[_KEEP]
+    states: list[torch.Tensor | None] = []
+    for i, layer in enumerate(self.layers):
+        hidden_states = layer(hidden_states, attention_mask=attention_mask, **kwargs)
+        states.append(hidden_states if i in keep else None)
+    return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states))

@@ -1,0 +1,138 @@
+"""Mllama's vision encoders keep only the layer outputs the vision model reads (patch flag `vision_states`): the
+same values and gradients, and the dropped outputs really are freed during the forward."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
+from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
+from hf_fastvision.patching import _bind, patched_modules
+
+pytest.importorskip("bitsandbytes")
+
+
+def _vision_model(**overrides):
+    from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
+    from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_global_layers=3, attention_heads=2,
+               image_size=14, patch_size=7, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+               intermediate_layers_indices=[1, -3], vision_output_dim=48)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = MllamaVisionModel(MllamaVisionConfig(**cfg)).eval()
+    model.config._attn_implementation = "sdpa"
+    for gate in (model.gated_positional_embedding.gate, model.pre_tile_positional_embedding.gate,
+                 model.post_tile_positional_embedding.gate):
+        gate.data.fill_(0.5)
+    return model
+
+
+def _inputs(batch=2):
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(batch, 1, 2, 3, 14, 14, generator=g)
+    ratio_ids = torch.tensor([[2]] * batch)
+    ratio_mask = torch.ones(batch, 1, 2, dtype=torch.long)
+    ratio_mask[0, 0, 1] = 0
+    return pixels, ratio_ids, ratio_mask
+
+
+def _bind_lean(model) -> dict[str, frozenset]:
+    keeps = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MllamaVisionEncoder":
+            assert prepare_lean_encoder(module, name, model)
+            assert _bind(module, "vision_states", lean_encoder_forward)
+            keeps[name] = module.__dict__["_hffv_keep_states"]
+    return keeps
+
+
+def test_the_lean_encoders_give_the_stock_values_and_keep_only_the_read_outputs():
+    stock, lean = _vision_model(), _vision_model()
+    assert _bind_lean(lean) == {"transformer": frozenset({1, 3}), "global_transformer": frozenset()}
+    pixels, ratio_ids, ratio_mask = _inputs()
+    px = pixels.clone().requires_grad_(True)
+    ref = stock(px, ratio_ids, ratio_mask).last_hidden_state
+    px2 = pixels.clone().requires_grad_(True)
+    got = lean(px2, ratio_ids, ratio_mask).last_hidden_state
+    assert torch.equal(got, ref)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    got.backward(g)
+    assert torch.equal(px2.grad, px.grad)
+    for (n, a), (_, b) in zip(stock.named_parameters(), lean.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+    out = lean.transformer(torch.randn(1, 8, 16))
+    assert len(out.hidden_states) == 6 and [i for i, h in enumerate(out.hidden_states) if h is not None] == [1, 3]
+
+
+def _alive_outputs_at_the_last_global_layer(model) -> int:
+    """Under no_grad, how many earlier vision-layer outputs are still alive when the last global layer runs."""
+    refs, seen = [], []
+    layers = list(model.transformer.layers) + list(model.global_transformer.layers)
+    hooks = [layer.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out))) for layer in layers[:-1]]
+
+    def count(m, args):
+        gc.collect()
+        seen.append(sum(r() is not None for r in refs))
+
+    hooks.append(layers[-1].register_forward_pre_hook(count))
+    with torch.no_grad():
+        model(*_inputs(1))
+    for h in hooks:
+        h.remove()
+    return seen[0]
+
+
+def test_the_dropped_outputs_are_freed_during_the_forward():
+    stock, lean = _vision_model(), _vision_model()
+    _bind_lean(lean)
+    # stock: all 6 local + 2 global outputs so far; lean: the 2 read local ones, the local encoder's last output
+    # (the vision model holds its `last_hidden_state`) and the last global layer's input
+    assert _alive_outputs_at_the_last_global_layer(stock) == 8
+    assert _alive_outputs_at_the_last_global_layer(lean) == 4
+
+
+def test_prepare_refuses_encoders_it_cannot_account_for():
+    model = _vision_model(intermediate_layers_indices=[1, 9])  # an index past the layers: leave it stock
+    assert not prepare_lean_encoder(model.transformer, "transformer", model)
+    assert prepare_lean_encoder(model.global_transformer, "global_transformer", model)
+    assert not prepare_lean_encoder(model.transformer.layers[0], "transformer.layers.0", model)
+
+
+def _train_step(folder, patches):
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.bfloat16, patches=patches)
+    open_zero_gates(model)
+    torch.manual_seed(0)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
+                                           random_state=0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    model.train()
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_checkpointed_4bit_lora_step_is_unchanged(tiny_checkpoint):
+    folder = str(tiny_checkpoint("mllama"))
+    lean, loss_l, grads_l = _train_step(folder, None)
+    stock, loss_s, grads_s = _train_step(folder, {"vision_states": False})
+    assert sorted(k for k in patched_modules(lean).values() if k == "vision_states") == ["vision_states"] * 2
+    assert "vision_states" not in patched_modules(stock).values()
+    assert torch.equal(loss_l, loss_s)
+    assert [n for n in grads_s if "vision_model" in n] and set(grads_l) == set(grads_s)
+    for n, g in grads_s.items():
+        assert torch.equal(grads_l[n], g), n
