@@ -1,5 +1,9 @@
 """hf_fastvision: fast, memory-lean 4-bit fine-tuning of vision-language models on transformers."""
 
+from hf_fastvision import allocator as _allocator
+
+ALLOCATOR_SETUP = _allocator.configure()  # before anything can start CUDA; see `hf_fastvision.allocator`
+
 from hf_fastvision.auto import AutoFastVisionModel
 from hf_fastvision.errors import (
     ConflictingOptionsError,

@@ -943,6 +943,7 @@ def worker_main(args) -> int:
                     norms = [g.detach().float().norm() for g in grads if g is not None]
                     grad_norm.append(float(torch.stack(norms).norm()) if norms else 0.0)
                     nonzero.append(sum(1 for g in grads if g is not None and bool(g.detach().ne(0).any())))
+                    del grads, norms  # else this step's gradients live on through the next step (+ trainable size)
                 opt.zero_grad(set_to_none=True)
                 del out, loss
                 print(f"[{system}] seq {seq} step {i + 1}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)

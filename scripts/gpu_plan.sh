@@ -13,6 +13,7 @@
 #   bash scripts/gpu_plan.sh memory     # Llama 2048: what is alive at ours' peak, graphs on and off (memory_peak.py)
 #   bash scripts/gpu_plan.sh narrow_mem # Mllama GPU tests, ours with/without the vision-MLP narrowing, memory_peak
 #   bash scripts/gpu_plan.sh mem2       # ours at 2048+8192 (lean vision states), then memory_peak at both seqs
+#   bash scripts/gpu_plan.sh table      # graphs GPU test; ours without expandable segments; ours + unsloth, 2048+8192
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -93,6 +94,16 @@ case "${1:-}" in
       timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq $seq --out /tmp/mp$seq 2>&1 | head -4
       cp /tmp/mp$seq/memory_peak.md "$out/memory_peak_$seq.md"; cp /tmp/mp$seq/memory_peak.json "$out/memory_peak_$seq.json"
     done ;;
+  table)  # ~8 minutes
+    timeout 90 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/graphs_tests.txt"
+    tail -2 "$out/graphs_tests.txt"
+    HF_FASTVISION_EXPANDABLE_SEGMENTS=0 python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 \
+      --systems ours --steps 6 --budget 130 --out /tmp/t_noexp > /dev/null 2>&1
+    cp /tmp/t_noexp/results.md "$out/ours_no_expandable.md"; grep "| ours" "$out/ours_no_expandable.md" | cut -c1-150
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth --steps 6 \
+      --budget 390 --out /tmp/t_main > /dev/null 2>&1
+    cp /tmp/t_main/results.md /tmp/t_main/results.csv /tmp/t_main/workers.log "$out/"
+    grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs" "$out/workers.log" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -108,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     step_peaks = []
     for i in range(args.steps):  # bench_qlora's loop: the output lives through backward and the optimizer step
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**batch)
-        loss = out.loss
+            result = model(**batch)
+        loss = result.loss
         loss.backward()
         opt.step()
         if i < 2:  # the bench's gradient check, same temporaries
             norms = [q.grad.detach().float().norm() for q in opt.param_groups[0]["params"] if q.grad is not None]
             float(torch.stack(norms).norm()) if norms else 0.0
         opt.zero_grad(set_to_none=True)
-        del out, loss
+        del result, loss
         torch.cuda.synchronize()
         step_peaks.append(round(torch.cuda.max_memory_allocated() / 1024**3, 3))
     torch.cuda.synchronize()
