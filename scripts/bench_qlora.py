@@ -821,6 +821,10 @@ def worker_main(args) -> int:
             res.all_seqs(args.seqs, status="not installed",
                          error=f"unsloth import failed: {type(exc).__name__}: {_short(exc, 300)}")
             return 0
+    if system == "ours":  # first too, before CUDA starts: its import sets up the allocator, as its users get it
+        import hf_fastvision
+
+        print(f"[ours] allocator: {hf_fastvision.ALLOCATOR_SETUP}", flush=True)
     needs = {"ours": ["bitsandbytes", "peft"], "hf": ["bitsandbytes", "peft"],
              "liger": ["bitsandbytes", "peft", "liger_kernel.transformers"], "unsloth": ["bitsandbytes", "peft"]}[system]
     import importlib
