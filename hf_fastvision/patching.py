@@ -120,7 +120,8 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from hf_fastvision.kernels import geglu, swiglu
 
     op = swiglu if self._hffv_act == "silu" else geglu
-    return self.down_proj(op(self.gate_proj(x), self.up_proj(x)))
+    # gate/up are this forward's own temporaries: the backward may write their gradients over them
+    return self.down_proj(op(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
 
 
 def _activation(act: nn.Module) -> str | None:

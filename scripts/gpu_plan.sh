@@ -14,6 +14,7 @@
 #   bash scripts/gpu_plan.sh narrow_mem # Mllama GPU tests, ours with/without the vision-MLP narrowing, memory_peak
 #   bash scripts/gpu_plan.sh mem2       # ours at 2048+8192 (lean vision states), then memory_peak at both seqs
 #   bash scripts/gpu_plan.sh table      # graphs GPU test; ours without expandable segments; ours + unsloth, 2048+8192
+#   bash scripts/gpu_plan.sh final      # ours + unsloth at 2048+8192 (one run), then the graphs/kernel GPU tests
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -104,6 +105,13 @@ case "${1:-}" in
       --budget 390 --out /tmp/t_main > /dev/null 2>&1
     cp /tmp/t_main/results.md /tmp/t_main/results.csv /tmp/t_main/workers.log "$out/"
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs" "$out/workers.log" ;;
+  final)  # ~7 minutes
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth --steps 6 \
+      --budget 400 --out /tmp/f_main > /dev/null 2>&1
+    cp /tmp/f_main/results.md /tmp/f_main/results.csv /tmp/f_main/workers.log "$out/"
+    grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs\|allocator" "$out/workers.log"
+    timeout 100 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py tests/kernels/test_gated_overwrite.py \
+      tests/kernels/test_swiglu.py tests/kernels/test_geglu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -2 "$out/gpu_tests.txt" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -40,7 +40,22 @@ __all__ = [
     "num_programs",
     "preferred_half_dtype",
     "device_guarded",
+    "grad_buffers",
 ]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def grad_buffers(overwrite: bool, g: torch.Tensor, u: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where a gated activation's backward writes ``(d_gate, d_up)``: fresh tensors, or with ``overwrite`` the
+    saved ``gate`` and ``up`` themselves (each element is read before it is written, in the same program), which
+    saves two ``[tokens, intermediate]`` tensors at the MLP's peak. Only when the three tensors are distinct
+    storages; callers pass ``overwrite`` only for inputs nothing else reads (the patched MLP's own projections)."""
+    if overwrite and len({_storage(g), _storage(u), _storage(dy)}) == 3:
+        return g, u
+    return torch.empty_like(g), torch.empty_like(u)
 
 
 def triton_interpret() -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import device_guarded, tl, triton, use_triton
+from ._utils import device_guarded, grad_buffers as _grad_buffers, tl, triton, use_triton
 
 __all__ = ["GeGLUFunction", "geglu", "geglu_ref"]
 
@@ -64,9 +64,10 @@ class GeGLUFunction(torch.autograd.Function):
     """Triton GeGLU (tanh approximation). ``apply(gate, up)``."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, overwrite_inputs=False):
         _check(gate, up)
         g, u = gate.contiguous(), up.contiguous()
+        ctx.overwrite = bool(overwrite_inputs)
         y = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
         n = g.numel()
         if n:
@@ -78,15 +79,24 @@ class GeGLUFunction(torch.autograd.Function):
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
         dy = dy.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
+        if ctx.overwrite == "done":
+            raise RuntimeError(
+                "GeGLU's backward ran twice on one graph (retain_graph) after writing its gradients over its saved "
+                "inputs; load with patches={'mlp': False} for double backward through the fused MLP")
+        dg, du = _grad_buffers(ctx.overwrite, g, u, dy)
+        if dg is g:
+            ctx.overwrite = "done"
         n = g.numel()
         if n:
             device_guarded(_geglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
-        return dg, du
+        return dg, du, None
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up``: Triton on CUDA (or under ``TRITON_INTERPRET=1``), torch otherwise."""
+def geglu(gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False) -> torch.Tensor:
+    """``gelu_tanh(gate) * up``: Triton on CUDA (or under ``TRITON_INTERPRET=1``), torch otherwise.
+
+    ``overwrite_inputs=True`` lets the Triton backward write the input gradients into ``gate`` and ``up`` (which
+    then hold gradients, not activations): for callers whose ``gate``/``up`` are temporaries nothing else reads."""
     if use_triton(gate, up):
-        return GeGLUFunction.apply(gate, up)
+        return GeGLUFunction.apply(gate, up, overwrite_inputs)
     return geglu_ref(gate, up)

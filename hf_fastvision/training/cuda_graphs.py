@@ -437,8 +437,11 @@ class GraphedLayers:
         _register_host_known(entry.host_known)
         try:
             entry.fwd = self._new_graph(device)
-            # outputs go to buffers outside the pool, shared by every layer of this shape (copied out on replay)
-            static_out = self._buffer(("out", 0), entry.fwd.warm(fwd_body))
+            # outputs go to buffers outside the pool, shared by every layer of this shape (copied out on replay);
+            # the output takes the input's own buffer where it can (one buffer less per shape): `fwd` writes it
+            # only after the body has finished reading the input
+            warm_out = entry.fwd.warm(fwd_body)
+            static_out = static_hidden if _can_share(warm_out, static_hidden) else self._buffer(("out", 0), warm_out)
 
             def fwd() -> torch.Tensor:
                 static_out.copy_(fwd_body())
@@ -448,7 +451,11 @@ class GraphedLayers:
             static_grad = self._buffer(("grad_out", 0), static_out)
             entry.static = [static_hidden, *static_extras, static_grad]
             wrt_like = ([static_hidden] if entry.hidden_grad else []) + [static_extras[i] for i in entry.diff_extra]
-            grad_bufs = [self._buffer(("grad", i), t) for i, t in enumerate(wrt_like + entry.params)]
+            # the input's gradient may overwrite the output's buffer (copied last, see `bwd`)
+            share_grad = entry.hidden_grad and _can_share(static_hidden, static_grad)
+            grad_bufs = [static_grad if share_grad and i == 0 else self._buffer(("grad", i), t)
+                         for i, t in enumerate(wrt_like + entry.params)]
+            order = sorted(range(len(grad_bufs)), key=lambda i: grad_bufs[i] is static_grad)
             entry.bwd = self._new_graph(device)
             if signature not in self._warmed:
                 entry.bwd.warm(bwd_body)
@@ -456,9 +463,9 @@ class GraphedLayers:
 
             def bwd() -> tuple:
                 grads = bwd_body()
-                for buf, g in zip(grad_bufs, grads):
-                    if g is not None:
-                        buf.copy_(g)
+                for i in order:  # a copy into the shared gradient buffer comes last: others may alias it
+                    if grads[i] is not None:
+                        grad_bufs[i].copy_(grads[i])
                 return tuple(buf if g is not None else None for buf, g in zip(grad_bufs, grads))
 
             entry.bwd.capture(bwd)
@@ -477,6 +484,16 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
+
+
+def _can_share(result: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether a graph may copy `result` into `buffer` (an input buffer it has finished reading): the same
+    layout, and `result` is not a view of `buffer` (a pass-through output)."""
+    return (
+        result.shape == buffer.shape and result.dtype == buffer.dtype and result.stride() == buffer.stride()
+        and result.device == buffer.device
+        and result.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    )
 
 
 def _draws_random_numbers(layer: nn.Module) -> bool:

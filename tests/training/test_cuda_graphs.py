@@ -70,6 +70,20 @@ def test_emulated_graphs_match_eager_over_steps():
         assert g_ref.keys() == g_got.keys() and "model.embed_tokens.weight" in g_got
         for n in g_ref:  # gradients reach the layer weights and, through the layer inputs, the embeddings
             torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the output and the input's gradient reuse the input's buffers: no separate "out" or hidden-"grad" buffer
+    slots = [key[0] for key in _graphs(model)._buffers]
+    assert 0 in slots and ("grad_out", 0) in slots
+    assert ("out", 0) not in slots and ("grad", 0) not in slots, slots
+
+
+def test_a_pass_through_layer_does_not_share_its_input_buffer():
+    from hf_fastvision.training.cuda_graphs import _can_share
+
+    buf = torch.zeros(2, 3)
+    assert _can_share(torch.ones(2, 3), buf)
+    assert not _can_share(buf[:], buf)  # a view of the input: copying it into its own buffer would be a no-op race
+    assert not _can_share(torch.ones(3, 2).t(), buf)  # another layout
+    assert not _can_share(torch.ones(2, 3, dtype=torch.float64), buf)
 
 
 def test_new_shapes_capture_up_to_max_keys_then_run_eagerly():

@@ -1,0 +1,55 @@
+"""SwiGLU / GeGLU with ``overwrite_inputs=True``: the backward writes d_gate and d_up over the saved gate and up
+(the patched MLP's memory saving), with the same values as the allocating backward."""
+
+import pytest
+import torch
+
+from hf_fastvision.kernels import geglu, swiglu
+
+OPS = {"swiglu": swiglu, "geglu": geglu}
+
+
+def _producers(device, dtype, shape):
+    x = torch.randn(shape, device=device, dtype=dtype) * 2
+    w_g = torch.randn(shape[-1], shape[-1], device=device, dtype=dtype, requires_grad=True)
+    w_u = torch.randn(shape[-1], shape[-1], device=device, dtype=dtype, requires_grad=True)
+    return x, w_g, w_u
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overwriting_backward_gives_the_same_gradients(device, name, dtype):
+    op = OPS[name]
+    x, w_g, w_u = _producers(device, dtype, (3, 37))
+    grads, seen = [], []
+    for overwrite in (False, True):
+        gate, up = x @ w_g, x @ w_u  # temporaries owned by this "MLP", as in the patched forward
+        y = op(gate, up, overwrite_inputs=overwrite)
+        gate_before = gate.detach().clone()
+        dy = torch.linspace(-1, 1, y.numel(), device=device, dtype=y.dtype).reshape(y.shape)
+        grads.append(torch.autograd.grad(y, [w_g, w_u], dy))
+        seen.append(torch.equal(gate.detach(), gate_before))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert seen == [True, False]  # the overwrite really reused gate's storage (and only when asked)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_a_second_backward_after_overwriting_is_refused(device, name):
+    x, w_g, w_u = _producers(device, torch.float32, (2, 16))
+    y = OPS[name](x @ w_g, x @ w_u, overwrite_inputs=True)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_shared_storages_are_never_overwritten(device, name):
+    gu = torch.randn(4, 32, device=device, requires_grad=True)
+    both = gu * 1.0
+    y = OPS[name](both, both, overwrite_inputs=True)  # gate is up: writing both would race
+    before = both.detach().clone()
+    (g,) = torch.autograd.grad(y.sum(), gu)
+    assert torch.equal(both.detach(), before)
+    ref = OPS[name](gu.detach().clone().requires_grad_(True), gu.detach().clone().requires_grad_(True))
+    assert g.shape == gu.shape and torch.isfinite(g).all() and ref.shape == y.shape
