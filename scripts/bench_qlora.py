@@ -535,7 +535,8 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s", "peak_gib", "peak_reserved_gib",
            "first_step_s",
-           "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "n_4bit", "n_16bit",
+           "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "end_reserved_gib", "n_4bit",
+           "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
            "losses", "autocast", "error", "worker_wall_s"]
 
@@ -963,6 +964,8 @@ def worker_main(args) -> int:
         gc.collect()  # drop what a failed step left behind before the next seq
         steps_peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
         steps_reserved = torch.cuda.max_memory_reserved() / GIB if cuda else None
+        # reserved once the steps are done: the steady state (graph pools and caches), not a capture round's peak
+        end_reserved = torch.cuda.memory_reserved() / GIB if cuda else None
         tail = times[2:] if len(times) >= 3 else times[1:] if len(times) >= 2 else times
         median_of = (f"steps 3..{len(times)}" if len(times) >= 3 else f"steps 2..{len(times)}" if len(times) == 2
                      else "step 1" if times else "none")
@@ -973,6 +976,7 @@ def worker_main(args) -> int:
             "peak_gib": max(load_peak, steps_peak) if cuda else None, "steps_peak_gib": steps_peak,
             # CUDA graphs' private pools are reserved, not allocated, while they replay: compare this column too
             "peak_reserved_gib": max(load_reserved, steps_reserved) if cuda else None,
+            "end_reserved_gib": end_reserved,
             "first_step_s": times[0] if times else None,
             "time_to_first_step_s": (load_s + times[0]) if times else None,
             "median_of": median_of, "steps_s": times, "losses": losses,

@@ -15,6 +15,7 @@
 #   bash scripts/gpu_plan.sh mem2       # ours at 2048+8192 (lean vision states), then memory_peak at both seqs
 #   bash scripts/gpu_plan.sh table      # graphs GPU test; ours without expandable segments; ours + unsloth, 2048+8192
 #   bash scripts/gpu_plan.sh final      # ours + unsloth at 2048+8192 (one run), then the graphs/kernel GPU tests
+#   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -112,6 +113,12 @@ case "${1:-}" in
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs\|allocator" "$out/workers.log"
     timeout 100 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py tests/kernels/test_gated_overwrite.py \
       tests/kernels/test_swiglu.py tests/kernels/test_geglu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -2 "$out/gpu_tests.txt" ;;
+  probe)  # ~3 minutes (builds the folder first)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
+      --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
+    timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/probe \
+      --probe vision_model multi_modal_projector 2>&1 | tail -6
+    cp /tmp/probe/memory_peak.md /tmp/probe/memory_peak.json "$out/" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -74,6 +74,68 @@ def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, 
     return peak, at, dict(groups)
 
 
+def saved_by(root: Any, ptr: int, limit: int = 200_000) -> list[str]:
+    """Autograd nodes reachable from ``root`` (a ``grad_fn``) that save a tensor on storage ``ptr``: their names
+    and the saved attribute (``_saved_self``, ...) or ``saved_tensors`` of custom Functions."""
+    import torch
+
+    found, seen, stack = [], set(), [root]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names = [a for a in dir(node) if a.startswith("_saved_")]
+        values = [(a, getattr(node, a, None)) for a in names]
+        try:
+            values += [(f"saved_tensors[{i}]", t) for i, t in enumerate(getattr(node, "saved_tensors", ()) or ())]
+        except RuntimeError:  # already freed
+            pass
+        for attr, value in values:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == ptr:
+                found.append(f"{type(node).__name__}.{attr}")
+        stack.extend(n for n, _ in getattr(node, "next_functions", ()) if n is not None)
+    return found
+
+
+def probe_holders(model: Any, batch: dict, module_suffix: str) -> dict[str, Any]:
+    """After a forward (before backward), is the output of the module named ``*module_suffix`` still alive, and
+    who holds it: Python referrers by type, and the autograd nodes that save it."""
+    import gc
+    import weakref
+
+    import torch
+
+    target = next((m for n, m in model.named_modules() if n.endswith(module_suffix)), None)
+    if target is None:
+        return {"module": module_suffix, "error": "no such module"}
+    refs: dict[str, Any] = {}
+
+    def hook(_m, _a, out):
+        t = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
+        if isinstance(t, torch.Tensor):
+            refs["out"] = weakref.ref(t)
+            refs["ptr"] = t.untyped_storage().data_ptr()
+            refs["desc"] = f"{tuple(t.shape)} {t.dtype}"
+
+    handle = target.register_forward_hook(hook)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+    finally:
+        handle.remove()
+    gc.collect()
+    alive = refs.get("out") is not None and refs["out"]() is not None
+    report: dict[str, Any] = {"module": module_suffix, "output": refs.get("desc"), "alive_after_forward": alive}
+    if alive:
+        report["python_referrers"] = sorted({type(r).__name__ for r in gc.get_referrers(refs["out"]())})
+    if "ptr" in refs:
+        report["saved_by_autograd"] = saved_by(loss.grad_fn, refs["ptr"])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2_5_vl_7b")
@@ -87,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", default="memory_out")
+    p.add_argument("--probe", nargs="*", default=[],
+                   help="module name suffixes (e.g. vision_model): is their output alive after forward, and who holds it")
     args = p.parse_args(argv)
 
     import torch
@@ -137,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{f.get('name', '?')}" for f in (events[at].get("frames", []) if at >= 0 else [])[:40]],
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
     }
+    summary["probes"] = [probe_holders(model, batch, name) for name in args.probe]
     (out / "memory_peak.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# live blocks at the peak: {args.model} seq {args.seq}, patches {args.patches or 'default'}", "",
              f"before the steps (weights, adapters): {summary['allocated_before_steps_gib']} GiB; peak of the trace "
@@ -147,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
     lines += ["", "the allocation that reached the peak (innermost first):", ""]
     lines += [f"- `{f}`" for f in summary["peak_stack"] if "/torch/nn/modules/module.py" not in f]
+    for probe in summary["probes"]:
+        lines += ["", f"probe `{probe['module']}`: {json.dumps({k: v for k, v in probe.items() if k != 'module'})}"]
     (out / "memory_peak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12 + 15]))
     return 0

@@ -44,3 +44,16 @@ def test_site_falls_back_to_the_innermost_frame():
     mp = _module()
     assert mp.site_of([_frame("/usr/lib/python3/threading.py", 5, "run")]) == "threading.py:5:run"
     assert mp.site_of([]) == "?"
+
+
+def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor():
+    import torch
+
+    mp = _module()
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    kept = x * 2  # saved by the matmul below (w needs a gradient, so its other operand is kept)
+    loss = (kept @ w).sum()
+    holders = mp.saved_by(loss.grad_fn, kept.untyped_storage().data_ptr())
+    assert holders and all(h.startswith("MmBackward") for h in holders), holders
+    assert mp.saved_by(loss.grad_fn, torch.randn(2).untyped_storage().data_ptr()) == []

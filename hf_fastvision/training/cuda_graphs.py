@@ -460,6 +460,10 @@ class GraphedLayers:
             if signature not in self._warmed:
                 entry.bwd.warm(bwd_body)
                 self._warmed.add(signature)
+                if not self.emulate:
+                    # the warm-up's temporaries (a whole recompute + backward) sit cached for the capture stream,
+                    # where no eager work can reuse them: hand them back before the pool grows beside them
+                    torch.cuda.empty_cache()
 
             def bwd() -> tuple:
                 grads = bwd_body()
