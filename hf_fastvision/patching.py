@@ -12,6 +12,8 @@ path) are left as they are.
   round trips 4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
 - `vision_states`: where the spec names one (Mllama), the vision encoders keep only the layer outputs the model
   reads later instead of all of them (`archs/_mllama_vision_encoder.py`; the same values, ~1 GiB less at the peak).
+- `cross_attention_split` (opt-in): Mllama's text cross-attention as a flash varlen call over the keys each row can
+  see, where the mask has the one-image form (`archs/_mllama_cross_attention.py`).
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
@@ -73,6 +75,9 @@ class PatchOptions:
     """Mllama's vision attention as the exact maskless split, one flash varlen call
     (`archs/_mllama_vision_attention.py`; 0.728 -> 0.637 s per Llama-3.2-11B-Vision step on an H200). Needs
     `vision_attention` on too."""
+    cross_attention_split: bool = False
+    """Mllama's text cross-attention without its [S, V] mask: one flash varlen call over the visible keys, where
+    every sample has the one-image mask form (else stock). Opt-in until measured on a GPU."""
     lora: bool = True
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
@@ -85,7 +90,8 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, vision_mlp=False, vision_states=False, fused_loss=False, vision_attention=False,
+            return cls(rms_norm=False, mlp=False, vision_mlp=False, vision_states=False, cross_attention_split=False,
+                       fused_loss=False, vision_attention=False,
                        vision_attention_split=False, lora=False, cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
@@ -190,7 +196,8 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     spec = spec or get_arch(model.config)
     opts = PatchOptions.from_value(options)
     model.__dict__["_hffv_patch_options"] = opts  # get_peft_model reads the `lora` flag
-    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0, "vision_states": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0, "vision_states": 0,
+              "cross_attention": 0}
     if spec.generic or not spec.patches:
         return counts
     roots = resolve_roots(spec, model)
@@ -201,7 +208,15 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
     vision_mlp = spec.patches.get("vision_mlp") if opts.vision_mlp else None
     states = spec.patches.get("vision_states") if opts.vision_states else None
+    cross = spec.patches.get("cross_attention_split", ()) if opts.cross_attention_split else ()
     for name, module in model.named_modules():
+        if cross and (name in roots.language or _under(name, roots.language)):
+            match = [(f, k) for suffix, f, k in _cross_entries(cross) if type(module).__name__.endswith(suffix)]
+            if match:
+                forward, kind = match[0]
+                bound = _bind(module, "cross_attention_split", forward)
+                counts["cross_attention"] += int(bound and kind == "attention")
+                continue
         if not _under(name, scope):
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
@@ -235,6 +250,13 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         model.__dict__["_hffv_softcap"] = getattr(text_config, "final_logit_softcapping", None)
         counts["fused_loss"] += _bind(model, "fused_loss", _with_signature_of(type(model).forward, _fused_loss_forward))
     return counts
+
+
+def _cross_entries(cross: tuple) -> list[tuple[str, Any, str]]:
+    """The spec's ``cross_attention_split`` value ``((attention suffix, forward), (text model suffix, forward))``
+    as ``(suffix, forward, kind)`` rows."""
+    (attn_suffix, attn_forward), (model_suffix, model_forward) = cross
+    return [(attn_suffix, attn_forward, "attention"), (model_suffix, model_forward, "text_model")]
 
 
 def _lora_fusable(module: nn.Module, x: Any) -> bool:

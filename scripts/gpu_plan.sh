@@ -16,6 +16,7 @@
 #   bash scripts/gpu_plan.sh table      # graphs GPU test; ours without expandable segments; ours + unsloth, 2048+8192
 #   bash scripts/gpu_plan.sh final      # ours + unsloth at 2048+8192 (one run), then the graphs/kernel GPU tests
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
+#   bash scripts/gpu_plan.sh cross_ab   # the opt-in cross-attention split: GPU tests, then ours default vs split
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -119,6 +120,16 @@ case "${1:-}" in
     timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/probe \
       --probe vision_model multi_modal_projector 2>&1 | tail -6
     cp /tmp/probe/memory_peak.md /tmp/probe/memory_peak.json "$out/" ;;
+  cross_ab)  # ~5 minutes
+    timeout 90 python -m pytest -q tests/gpu/test_mllama_cross_split_gpu.py 2>&1 | tail -8 > "$out/cross_tests.txt"
+    tail -2 "$out/cross_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
+      --out /tmp/c_off > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
+      --ours-patches '{"cross_attention_split": true}' --out /tmp/c_on > /dev/null 2>&1
+    cp /tmp/c_off/results.md "$out/cross_off.md"; cp /tmp/c_on/results.md "$out/cross_on.md"
+    cp /tmp/c_on/workers.log "$out/cross_on_workers.log"; grep "| Llama" "$out/cross_off.md" "$out/cross_on.md" | cut -c1-170
+    grep "CUDA graphs" "$out/cross_on_workers.log" ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)

@@ -1,6 +1,7 @@
 """Llama 3.2 Vision: tiled vision encoder, cross-attention layers in the text decoder."""
 
 from hf_fastvision.archs import _budget
+from hf_fastvision.archs._mllama_cross_attention import cross_attention_forward, text_model_forward
 from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
 from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
@@ -16,6 +17,9 @@ MLLAMA = register_arch(
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
         patches={"rms_norm": "rms", "mlp": "swiglu",
+                 # PatchOptions.cross_attention_split (opt-in): the text cross-attention over the visible keys only
+                 "cross_attention_split": (("TextCrossAttention", cross_attention_forward),
+                                           ("TextModel", text_model_forward)),
                  # PatchOptions.vision_states: the encoders keep only the layer outputs the vision model reads
                  "vision_states": ("VisionEncoder", lean_encoder_forward, prepare_lean_encoder),
                  # PatchOptions.vision_mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)

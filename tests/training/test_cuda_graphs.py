@@ -137,19 +137,23 @@ def test_plain_checkpointing_graphs_too_and_disable_drops_them():
     assert _graphs(model) is None
 
 
-@pytest.mark.parametrize("name,ref_patches",
-                         [(n, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
-                         + [("mllama", {"vision_attention_split": False})])
-def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, tiny_checkpoint):
+@pytest.mark.parametrize("name,ref_patches,graphed_patches",
+                         [(n, None, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
+                         + [("mllama", {"vision_attention_split": False}, None),
+                            ("mllama", None, {"cross_attention_split": True})])
+def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphed_patches, tiny_checkpoint):
     """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA.
     With `ref_patches`, the eager reference runs with those flags (Mllama: the stock masked vision attention) and
-    the graphed run with the defaults (the split), which must still match."""
+    the graphed run with the defaults (the split), which must still match; `graphed_patches` likewise for the
+    graphed run (Mllama: the opt-in cross-attention split, whose compact mask is a layer argument)."""
     if missing := missing_dependencies(name):
         pytest.skip(f"needs {missing}")
     assert name in NAMED_TINY_TYPES
     results = []
     for graphs in (False, "emulate"):
         extra = {"patches": ref_patches} if not graphs and ref_patches else {}
+        if graphs and graphed_patches:
+            extra = {"patches": graphed_patches}
         model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)), max_seq_length=256, **extra)
         peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
         with torch.no_grad():
@@ -168,6 +172,9 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, tiny_c
             # every checkpointed block is graphed, whichever keyword its hidden state comes by
             expected = {type(m).__name__ for m in checkpointed_layers(peft_model.get_base_model())}
             assert {type(m).__name__ for m in graphed._layers.keys()} == expected
+            if graphed_patches:  # the compact mask really reached the graphed cross-attention layers
+                text = next(m for m in peft_model.modules() if type(m).__name__ == "MllamaTextModel")
+                assert text.__dict__.get("_hffv_cross_split_ready") is True
             if ref_patches:  # the split really ran: its one-time mask check passed in every vision attention
                 split = [m for m in model.modules() if type(m).__name__ == "MllamaVisionAttention"]
                 assert split and all(m.__dict__.get("_hffv_split_mask_ok") for m in split)

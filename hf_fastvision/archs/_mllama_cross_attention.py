@@ -1,0 +1,165 @@
+"""Mllama's text cross-attention without its ``[S, V]`` mask (patch flag ``cross_attention_split``, opt-in).
+
+Stock: every cross-attention layer runs SDPA with a float mask ``[B, 1, S, V]`` (``V`` = images x tiles x 1601
+vision tokens). ``_prepare_cross_attention_mask`` builds it from the processor's per-token tile mask: ``min``
+where a text row may not see a tile, then rows that see nothing are zeroed (they attend to every key). So rows
+*before* the image token attend to all ``V`` keys and, with one image per sample, rows from the image token on
+attend to the first ``K`` keys (the image's real tiles). Padding tiles are the rest: with 1 of 4 tiles real, 3/4
+of the stock attention work is spent on keys whose weight is exactly 0.
+
+When every sample's mask has that form (rows ``[0, p)`` see all keys, rows ``[p, S)`` see a prefix ``[0, K)``),
+the same function is one flash varlen call with three segments per sample, as in the vision split
+(``_mllama_vision_attention``): query rows ``[before | after | none]`` against key rows
+``[copy 0: all | copy 1: prefix | copy 1: rest]``. No mask is materialised in the layers and the shapes stay
+static, so the layers stay CUDA-graph capturable.
+
+How it is wired: the text model's forward (patched) checks the form once per call, with one host sync, and then
+hands its layers a compact ``int32 [B, 2]`` tensor of ``(p, K)`` instead of the float mask. The patched
+cross-attention recognises it; any other call (generation with a cache, dropout, another attention
+implementation) gets the exact stock mask rebuilt from it (`expand`). A mask of another form (several images in
+one sample, a non-prefix tile pattern) is passed on unchanged and runs stock.
+
+Exact up to kernel rounding (flash vs the masked kernel): keys masked with ``min`` get softmax weight 0 exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_fastvision.archs._mllama_vision_attention import _attention_dtype, _varlen_kernel
+
+__all__ = ["compact_cross_mask", "expand", "split_cross_attention", "cross_attention_forward",
+           "text_model_forward", "is_compact"]
+
+_READY = "_hffv_cross_split_ready"
+
+
+def is_compact(mask: Any) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and mask.dim() == 2 and mask.shape[-1] == 2
+
+
+def compact_cross_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """``(p, K)`` per sample (``int32 [B, 2]``) when ``mask`` (``[B, 1, S, V]``, 0 / ``min``) has the split form,
+    else None. One host sync."""
+    if not (isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dim() == 4 and mask.shape[1] == 1):
+        return None
+    _, _, rows, keys = mask.shape
+    if rows == 0 or keys == 0:
+        return None
+    m = mask[:, 0]
+    zero = m == 0  # [B, S, V]: the key is visible
+    only_two_values = (zero | (m <= torch.finfo(mask.dtype).min / 2)).all()
+    n = zero.sum(-1)  # [B, S] visible keys per row
+    key_idx = torch.arange(keys, device=mask.device)
+    prefix = (zero == (key_idx < n[..., None])).all()  # every row sees a prefix of the keys
+    p = (n == keys).to(torch.int64).cumprod(-1).sum(-1)  # leading rows that see all keys
+    after = torch.arange(rows, device=mask.device)[None, :] >= p[:, None]
+    k_after = torch.where(p < rows, n.gather(1, p.clamp(max=rows - 1)[:, None])[:, 0], torch.full_like(p, keys))
+    same_after = ((n == k_after[:, None]) | ~after).all()
+    if not bool(torch.stack([only_two_values, prefix, same_after, (n > 0).all()]).all()):  # the one host sync
+        return None
+    return torch.stack([p, k_after], dim=-1).to(torch.int32)
+
+
+def expand(compact: torch.Tensor, rows: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """The stock float mask ``[B, 1, rows, keys]`` that ``compact`` stands for (exactly)."""
+    p, k = compact[:, 0].long(), compact[:, 1].long()
+    row_idx = torch.arange(rows, device=compact.device)
+    key_idx = torch.arange(keys, device=compact.device)
+    visible = (row_idx[None, :, None] < p[:, None, None]) | (key_idx[None, None, :] < k[:, None, None])
+    mask = torch.zeros(visible.shape, dtype=dtype, device=compact.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compact: torch.Tensor, scale: float,
+                          varlen: Any = None) -> torch.Tensor:
+    """``[B, Hq, S, D]`` queries against ``[B, Hkv, V, D]`` keys/values under the mask ``compact`` stands for;
+    returns ``[B, S, Hq, D]`` (the layout transformers' attention functions return)."""
+    batch, heads, rows, dim = q.shape
+    keys = k.shape[2]
+    varlen = varlen or _varlen_kernel(q.device)
+    if k.shape[1] != heads:  # grouped-query attention: one copy of each kv head per query head
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    p, kk = compact[:, 0], compact[:, 1]
+    b = torch.arange(batch, device=q.device, dtype=torch.int32)
+    q_ends = torch.stack([b * rows + p, (b + 1) * rows, (b + 1) * rows], dim=-1)
+    k_ends = torch.stack([2 * b * keys + keys, 2 * b * keys + keys + kk, 2 * (b + 1) * keys], dim=-1)
+    zero = torch.zeros(1, device=q.device, dtype=torch.int32)
+    cu_q = torch.cat([zero, q_ends.reshape(-1).to(torch.int32)])
+    cu_k = torch.cat([zero, k_ends.reshape(-1).to(torch.int32)])
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, V, H, D]
+    packed_k = torch.cat([kt, kt], dim=1).reshape(2 * batch * keys, heads, dim)
+    packed_v = torch.cat([vt, vt], dim=1).reshape(2 * batch * keys, heads, dim)
+    out = varlen(q.transpose(1, 2).reshape(batch * rows, heads, dim), packed_k, packed_v, cu_q, cu_k, rows, keys,
+                 scale=scale)
+    return out.reshape(batch, rows, heads, dim)
+
+
+def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
+                            cross_attention_states: torch.Tensor | None = None, past_key_values: Any = None,
+                            attention_mask: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
+    """Drop-in ``forward`` for ``MllamaTextCrossAttention``: the split where the mask is compact, else stock."""
+    from hf_fastvision.patching import original_forward
+
+    compact = attention_mask if is_compact(attention_mask) else None
+    dtype = _attention_dtype(hidden_states)
+    usable = (
+        compact is not None and cross_attention_states is not None and past_key_values is None
+        and all(value is None for value in kwargs.values())  # e.g. a `cache=None` some versions pass along
+        and dtype is not None and self.config._attn_implementation == "sdpa"
+        and not (self.training and self.dropout)
+    )
+    if not usable:
+        if compact is not None:  # a call the split does not cover: the exact stock mask
+            if cross_attention_states is None:
+                raise ValueError("cross_attention_split: a compact mask needs cross_attention_states")
+            # the states come as [B * images * tiles, tokens, hidden]; the layer views them as [B, V, ...]
+            keys = cross_attention_states.shape[:-1].numel() // hidden_states.shape[0]
+            attention_mask = expand(compact, hidden_states.shape[1], keys, _mask_dtype(hidden_states))
+        return original_forward(self)(hidden_states, cross_attention_states=cross_attention_states,
+                                      past_key_values=past_key_values, attention_mask=attention_mask,
+                                      use_cache=use_cache, **kwargs)
+    bsz, q_len, _ = hidden_states.shape
+    q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2))
+    k = self.k_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+    k = self.k_norm(k)
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
+    out = split_cross_attention(q, k, v, compact, self.scaling)
+    return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None
+
+
+def _mask_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    return hidden_states.dtype if hidden_states.is_floating_point() else torch.float32
+
+
+def text_model_forward(self: nn.Module, *args: Any, **kwargs: Any):
+    """Drop-in ``forward`` for ``MllamaTextModel``: hands its layers the compact mask where the form allows."""
+    from hf_fastvision.patching import original_forward
+
+    mask = kwargs.get("cross_attention_mask")
+    if (mask is not None and self.training and kwargs.get("past_key_values") is None and _all_layers_split(self)
+            and not (mask.is_cuda and torch.cuda.is_current_stream_capturing())):
+        compact = compact_cross_mask(mask)
+        if compact is not None:
+            kwargs["cross_attention_mask"] = compact
+    return original_forward(self)(*args, **kwargs)
+
+
+def _all_layers_split(text_model: nn.Module) -> bool:
+    """Whether every cross-attention module under this text model runs `cross_attention_forward` (checked once:
+    a stock one would get the compact tensor as its mask)."""
+    ready = text_model.__dict__.get(_READY)
+    if ready is None:
+        from hf_fastvision.patching import patched_modules
+
+        kinds = patched_modules(text_model)
+        cross = [n for n, m in text_model.named_modules() if type(m).__name__.endswith("TextCrossAttention")]
+        ready = bool(cross) and all(kinds.get(n) == "cross_attention_split" for n in cross)
+        text_model.__dict__[_READY] = ready
+    return ready
+

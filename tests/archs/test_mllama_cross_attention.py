@@ -1,0 +1,120 @@
+"""Mllama's text cross-attention split (patch flag `cross_attention_split`, opt-in): the compact mask stands for
+the stock one exactly, the split equals masked SDPA, and a patched tiny model trains like the stock one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs._mllama_cross_attention import compact_cross_mask, expand, split_cross_attention
+from hf_fastvision.archs._mllama_vision_attention import varlen_reference
+from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
+from hf_fastvision.patching import patched_modules
+
+TOKENS = 3  # vision tokens per tile (1601 in Llama 3.2 Vision)
+
+
+def _stock_mask(tile_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """transformers' own `_prepare_cross_attention_mask` from a processor-style `[B, S, images, tiles]` mask."""
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    mask, _ = _prepare_cross_attention_mask(tile_mask, num_vision_tokens=TOKENS, dtype=dtype)
+    return mask
+
+
+def _one_image(rows: int, tiles: int, starts: list[int], real: list[int]) -> torch.Tensor:
+    m = torch.zeros(len(starts), rows, 1, tiles, dtype=torch.long)
+    for b, (s, r) in enumerate(zip(starts, real)):
+        m[b, s:, 0, :r] = 1
+    return m
+
+
+@pytest.mark.parametrize("starts,real", [([0], [1]), ([3, 5], [1, 4]), ([7], [2]), ([2, 0], [4, 3])])
+def test_one_image_masks_compact_exactly(starts, real):
+    rows, tiles = 9, 4
+    mask = _stock_mask(_one_image(rows, tiles, starts, real))
+    compact = compact_cross_mask(mask)
+    assert compact is not None and compact.dtype == torch.int32
+    # rows before the image see every key (transformers zeroes fully masked rows); with all tiles real so do the
+    # rows after it, and the whole sample is "all rows see all keys"
+    assert compact.tolist() == [[s if r < tiles else rows, r * TOKENS] for s, r in zip(starts, real)]
+    assert torch.equal(expand(compact, rows, tiles * TOKENS, mask.dtype), mask)
+
+
+def test_other_masks_are_left_alone():
+    two = torch.zeros(1, 6, 2, 2, dtype=torch.long)
+    two[0, 1:, 0, :1] = 1
+    two[0, 4:, 1, :2] = 1  # a second image: rows after it see a non-prefix set
+    assert compact_cross_mask(_stock_mask(two)) is None
+    assert compact_cross_mask(torch.randn(1, 1, 4, 6)) is None  # not a 0 / min mask
+    assert compact_cross_mask(torch.zeros(1, 4, 6)) is None  # not 4-D
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_split_equals_masked_sdpa_forward_and_backward(heads, kv_heads):
+    torch.manual_seed(0)
+    rows, tiles, dim = 9, 4, 8
+    mask = _stock_mask(_one_image(rows, tiles, [3, 0], [1, 3]))
+    q = torch.randn(2, heads, rows, dim, requires_grad=True)
+    k = torch.randn(2, kv_heads, tiles * TOKENS, dim, requires_grad=True)
+    v = torch.randn(2, kv_heads, tiles * TOKENS, dim, requires_grad=True)
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
+                                         scale=0.3).transpose(1, 2)
+    got = split_cross_attention(q, k, v, compact_cross_mask(mask), 0.3, varlen=varlen_reference)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [q, k, v], g)
+    got_grads = torch.autograd.grad(got, [q, k, v], g)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _step(folder, patches):
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32, patches=patches)
+    open_zero_gates(model)
+    torch.manual_seed(0)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
+                                           random_state=0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    model.train()
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    loss = model(**batch).loss
+    loss.backward()
+    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_patched_tiny_mllama_trains_like_stock(tiny_checkpoint, monkeypatch):
+    import hf_fastvision.archs._mllama_cross_attention as ca
+
+    monkeypatch.setattr(ca, "_varlen_kernel", lambda device: varlen_reference)
+    calls = []
+    real_split = ca.split_cross_attention
+    monkeypatch.setattr(ca, "split_cross_attention", lambda *a, **k: calls.append(1) or real_split(*a, **k))
+    folder = str(tiny_checkpoint("mllama"))
+    split, loss_s, grads_s = _step(folder, {"cross_attention_split": True})
+    stock, loss_r, grads_r = _step(folder, None)
+    kinds = patched_modules(split)
+    assert "cross_attention_split" in kinds.values() and "cross_attention_split" not in patched_modules(stock).values()
+    assert calls, "the split path must really run"
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-6)
+    assert set(grads_s) == set(grads_r) and [n for n in grads_r if "language_model" in n and "cross_attn" in n]
+    for n, g in grads_r.items():
+        torch.testing.assert_close(grads_s[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_off_by_default_and_counted_when_on(tiny_checkpoint):
+    folder = str(tiny_checkpoint("mllama"))
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32)
+    assert "cross_attention_split" not in patched_modules(model).values()
+    from hf_fastvision.patching import apply_patches, unpatch
+
+    unpatch(model)
+    counts = apply_patches(model, options={"cross_attention_split": True})
+    n_cross = sum(type(m).__name__ == "MllamaTextCrossAttention" for m in model.modules())
+    assert counts["cross_attention"] == n_cross > 0
