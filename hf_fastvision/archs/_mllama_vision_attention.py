@@ -37,7 +37,8 @@ from torch import nn
 
 from hf_fastvision.archs._autocast_narrowing import autocast_dtype, narrows_to
 
-__all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference", "vision_mask"]
+__all__ = ["split_vision_attention_forward", "split_attention", "varlen_reference", "vision_mask", "compact_vision_mask",
+           "expand_vision_mask", "is_compact_vision_mask"]
 
 logger = logging.getLogger(__name__)
 _CHECKED = "_hffv_split_mask_ok"
@@ -141,36 +142,69 @@ def _attention_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype
 
 
+def compact_vision_mask(mask: Any) -> torch.Tensor | None:
+    """The mask's diagonal ``[B, L]`` (0 for a real patch, ``min`` for padding) when ``mask`` is exactly
+    ``max(c_i, c_j)`` of it, i.e. has the split form; else None. One host sync. The encoder hands its layers this
+    instead of the ``[B, 1, L, L]`` mask (`_mllama_vision_encoder`), so no layer saves or copies the big one."""
+    if not (isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dim() == 4 and mask.shape[1] == 1
+            and mask.shape[-1] == mask.shape[-2]):
+        return None
+    compact = mask[:, 0].diagonal(dim1=-2, dim2=-1).contiguous()
+    return compact if bool((expand_vision_mask(compact) == mask).all()) else None
+
+
+def expand_vision_mask(compact: torch.Tensor) -> torch.Tensor:
+    """The ``[B, 1, L, L]`` mask a compact one stands for: ``min`` where both patches pad, 0 elsewhere."""
+    return torch.maximum(compact[:, :, None], compact[:, None, :])[:, None]
+
+
+def is_compact_vision_mask(mask: Any) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dim() == 2
+
+
 def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
                                    attention_mask: torch.Tensor | None = None, **kwargs: Any):
-    """Drop-in ``forward`` for ``MllamaVisionAttention`` (same arguments, same result)."""
+    """Drop-in ``forward`` for ``MllamaVisionAttention`` (same arguments, same result). Takes the stock mask or
+    its compact form (`compact_vision_mask`)."""
     from hf_fastvision.patching import original_forward
 
-    mask = attention_mask
-    usable = (
-        self.config._attn_implementation == "sdpa" and not kwargs and mask is not None and mask.dim() == 4
-        and mask.shape[1] == 1 and mask.is_floating_point() and self.__dict__.get(_CHECKED, True)
-    )
-    if not usable:
-        return original_forward(self)(hidden_states, attention_mask=attention_mask, **kwargs)
+    compact = attention_mask if is_compact_vision_mask(attention_mask) else None
+
+    def stock():
+        mask = expand_vision_mask(compact) if compact is not None else attention_mask
+        return original_forward(self)(hidden_states, attention_mask=mask, **kwargs)
+
     batch, length, _ = hidden_states.shape
-    real = mask[:, 0].diagonal(dim1=-2, dim2=-1) == 0  # patch i pads exactly when its own entry is masked
-    capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
-    if _CHECKED not in self.__dict__ and not capturing:
-        self.__dict__[_CHECKED] = _mask_has_split_form(mask, real)
-        if not self.__dict__[_CHECKED]:
-            logger.warning("vision_attention_split: %s got a mask of another form; stock attention from now on",
-                           type(self).__name__)
-            return original_forward(self)(hidden_states, attention_mask=attention_mask)
+    if compact is not None:
+        if self.config._attn_implementation != "sdpa" or kwargs:
+            return stock()
+        real = compact == 0
+        self.__dict__.setdefault(_CHECKED, True)  # the encoder checked the form (`compact_vision_mask`)
+    else:
+        mask = attention_mask
+        usable = (
+            self.config._attn_implementation == "sdpa" and not kwargs and mask is not None and mask.dim() == 4
+            and mask.shape[1] == 1 and mask.is_floating_point() and self.__dict__.get(_CHECKED, True)
+        )
+        if not usable:
+            return stock()
+        real = mask[:, 0].diagonal(dim1=-2, dim2=-1) == 0  # patch i pads exactly when its own entry is masked
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if _CHECKED not in self.__dict__ and not capturing:
+            self.__dict__[_CHECKED] = _mask_has_split_form(mask, real)
+            if not self.__dict__[_CHECKED]:
+                logger.warning("vision_attention_split: %s got a mask of another form; stock attention from now on",
+                               type(self).__name__)
+                return stock()
     try:
         varlen = _varlen_kernel(hidden_states.device)
     except ImportError as exc:
         self.__dict__[_CHECKED] = False
         logger.warning("vision_attention_split: no varlen flash kernel in this torch (%s); stock attention", exc)
-        return original_forward(self)(hidden_states, attention_mask=attention_mask)
+        return stock()
     dtype = _attention_dtype(hidden_states)
     if dtype is None:  # fp32 on CUDA without autocast: the flash kernels take 16-bit only
-        return original_forward(self)(hidden_states, attention_mask=attention_mask)
+        return stock()
     shape = (batch, length, self.num_heads, self.head_dim)
     projections = (self.q_proj, self.k_proj, self.v_proj)
     if hidden_states.dtype == torch.float32 and dtype != torch.float32 and all(  # i.e. under 16-bit autocast

@@ -8,7 +8,9 @@ the end of the vision forward holds 39 layer outputs at once. On Llama-3.2-11B-V
 moment was the peak of our whole QLoRA step at seq 2048 (``scripts/memory_peak.py``).
 
 Layers that checkpoint already save (or offload) their own input for the recompute, so the other outputs serve
-no one. The patched forward runs the same layers in the same order with the same arguments, so the values are
+no one. Where every layer runs the split attention (`_mllama_vision_attention`), the encoder also hands the layers
+the mask's ``[B, L]`` diagonal instead of the ``[B, 1, L, L]`` mask (checked to have the split form, one host sync
+per call): checkpointed and graphed layers then save and copy that, not 0.08 GiB per encoder. The patched forward runs the same layers in the same order with the same arguments, so the values are
 identical. Its ``hidden_states`` tuple has the stock length and holds the outputs at the read indices; the other
 entries are ``None``. Which indices are read is fixed when the patch is bound, from the owning vision model.
 """
@@ -53,8 +55,28 @@ def lean_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attention
     from transformers.modeling_outputs import BaseModelOutput
 
     keep = self.__dict__[_KEEP]
+    mask = attention_mask
+    if _split_ready(self) and not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+        from hf_fastvision.archs._mllama_vision_attention import compact_vision_mask
+
+        compact = compact_vision_mask(attention_mask)
+        if compact is not None:  # the layers get the [B, L] diagonal; nothing saves or copies the [B, 1, L, L] mask
+            mask = compact
     states: list[torch.Tensor | None] = []
     for i, layer in enumerate(self.layers):
-        hidden_states = layer(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = layer(hidden_states, attention_mask=mask, **kwargs)
         states.append(hidden_states if i in keep else None)
     return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=tuple(states))
+
+
+def _split_ready(encoder: nn.Module) -> bool:
+    """Whether every layer's attention runs the split forward, which takes the compact mask (checked each call:
+    flags can be changed by unpatching)."""
+    from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
+
+    for layer in encoder.layers:
+        attn = getattr(layer, "self_attn", None)
+        forward = attn.__dict__.get("forward") if attn is not None else None
+        if getattr(forward, "__func__", None) is not split_vision_attention_forward:
+            return False
+    return True

@@ -12,7 +12,7 @@ import torch
 from hf_fastvision import FastVisionModel
 from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
 from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
-from hf_fastvision.patching import _bind, patched_modules
+from hf_fastvision.patching import _bind, original_forward, patched_modules
 
 pytest.importorskip("bitsandbytes")
 
@@ -136,3 +136,54 @@ def test_a_checkpointed_4bit_lora_step_is_unchanged(tiny_checkpoint):
     assert [n for n in grads_s if "vision_model" in n] and set(grads_l) == set(grads_s)
     for n, g in grads_s.items():
         assert torch.equal(grads_l[n], g), n
+
+
+def test_compact_vision_mask_stands_for_the_stock_mask_exactly():
+    from hf_fastvision.archs._mllama_vision_attention import compact_vision_mask, expand_vision_mask, vision_mask
+
+    for dtype in (torch.float32, torch.bfloat16):
+        mask, real = vision_mask([1, 4, 0], 4, 5, 3, dtype)
+        compact = compact_vision_mask(mask)
+        assert compact is not None and compact.shape == real.shape and compact.dtype == dtype
+        assert torch.equal(compact == 0, real)
+        assert torch.equal(expand_vision_mask(compact), mask)
+    other = mask.clone()
+    other[0, 0, 0, 1] = torch.finfo(other.dtype).min  # a real pair masked: not the split form
+    assert compact_vision_mask(other) is None
+    assert compact_vision_mask(mask[:, 0]) is None and compact_vision_mask(None) is None
+
+
+def _masks_seen_by_layers(model) -> list[int]:
+    dims = []
+    for m in model.modules():
+        if type(m).__name__ == "MllamaVisionAttention":
+            m.register_forward_pre_hook(lambda mod, args, kw: dims.append(kw["attention_mask"].dim()),
+                                        with_kwargs=True)
+    return dims
+
+
+def test_the_encoder_hands_split_layers_the_compact_mask(tiny_checkpoint):
+    folder = str(tiny_checkpoint("mllama"))
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    seen = {}
+    for label, patches in (("split", None), ("stock", {"vision_attention_split": False})):
+        model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.bfloat16, patches=patches)
+        dims = _masks_seen_by_layers(model)
+        with torch.no_grad():
+            model(**batch)
+        seen[label] = set(dims)
+    assert seen == {"split": {2}, "stock": {4}}
+
+
+def test_a_split_layer_falling_back_rebuilds_the_exact_mask(tiny_checkpoint, monkeypatch):
+    import hf_fastvision.archs._mllama_vision_attention as va
+
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("mllama")), load_in_4bit=True, dtype=torch.float32)
+    attn = next(m for m in model.modules() if type(m).__name__ == "MllamaVisionAttention")
+    mask, _ = va.vision_mask([1, 2], 2, 7, 1, torch.float32)
+    x = torch.randn(2, mask.shape[-1], attn.q_proj.in_features)
+    monkeypatch.setattr(va, "_attention_dtype", lambda t: None)  # e.g. fp32 on CUDA: the stock path must run
+    with torch.no_grad():
+        got = attn(x, attention_mask=va.compact_vision_mask(mask))[0]
+        ref = original_forward(attn)(x, attention_mask=mask)[0]
+    assert torch.equal(got, ref)
