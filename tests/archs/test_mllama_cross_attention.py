@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hf_fastvision import FastVisionModel
 from hf_fastvision.archs._mllama_cross_attention import compact_cross_mask, expand, split_cross_attention
 from hf_fastvision.archs._mllama_vision_attention import varlen_reference
-from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
+from hf_fastvision.archs.tiny import lora_step
 from hf_fastvision.patching import patched_modules
 
 TOKENS = 3  # vision tokens per tile (1601 in Llama 3.2 Vision)
@@ -72,23 +72,6 @@ def test_split_equals_masked_sdpa_forward_and_backward(heads, kv_heads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _step(folder, patches):
-    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32, patches=patches)
-    open_zero_gates(model)
-    torch.manual_seed(0)
-    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
-                                           random_state=0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    model.train()
-    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
-    loss = model(**batch).loss
-    loss.backward()
-    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_patched_tiny_mllama_trains_like_stock(tiny_checkpoint, monkeypatch):
     import hf_fastvision.archs._mllama_cross_attention as ca
 
@@ -97,8 +80,8 @@ def test_patched_tiny_mllama_trains_like_stock(tiny_checkpoint, monkeypatch):
     real_split = ca.split_cross_attention
     monkeypatch.setattr(ca, "split_cross_attention", lambda *a, **k: calls.append(1) or real_split(*a, **k))
     folder = str(tiny_checkpoint("mllama"))
-    split, loss_s, grads_s = _step(folder, {"cross_attention_split": True})
-    stock, loss_r, grads_r = _step(folder, None)
+    split, loss_s, grads_s = lora_step(folder, "mllama", {"cross_attention_split": True}, dtype=torch.float32)
+    stock, loss_r, grads_r = lora_step(folder, "mllama", None, dtype=torch.float32)
     kinds = patched_modules(split)
     assert "cross_attention_split" in kinds.values() and "cross_attention_split" not in patched_modules(stock).values()
     assert calls, "the split path must really run"

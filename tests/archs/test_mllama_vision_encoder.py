@@ -11,7 +11,7 @@ import torch
 
 from hf_fastvision import FastVisionModel
 from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
-from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
+from hf_fastvision.archs.tiny import lora_step, sample_batch, tiny_processor
 from hf_fastvision.patching import _bind, original_forward, patched_modules
 
 pytest.importorskip("bitsandbytes")
@@ -108,28 +108,10 @@ def test_prepare_refuses_encoders_it_cannot_account_for():
     assert not prepare_lean_encoder(model.transformer.layers[0], "transformer.layers.0", model)
 
 
-def _train_step(folder, patches):
-    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.bfloat16, patches=patches)
-    open_zero_gates(model)
-    torch.manual_seed(0)
-    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
-                                           random_state=0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    model.train()
-    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_a_checkpointed_4bit_lora_step_is_unchanged(tiny_checkpoint):
     folder = str(tiny_checkpoint("mllama"))
-    lean, loss_l, grads_l = _train_step(folder, None)
-    stock, loss_s, grads_s = _train_step(folder, {"vision_states": False})
+    lean, loss_l, grads_l = lora_step(folder, "mllama", None, autocast=torch.bfloat16)
+    stock, loss_s, grads_s = lora_step(folder, "mllama", {"vision_states": False}, autocast=torch.bfloat16)
     assert sorted(k for k in patched_modules(lean).values() if k == "vision_states") == ["vision_states"] * 2
     assert "vision_states" not in patched_modules(stock).values()
     assert torch.equal(loss_l, loss_s)

@@ -113,7 +113,10 @@ from hf_fastvision.archs.tiny._generic import (  # noqa: F401
     _llava_onevision_processor,
 )
 
+from hf_fastvision.archs.tiny._steps import lora_step  # noqa: E402
+
 __all__ = [
+    "lora_step",
     "NAMED_TINY_TYPES",
     "GENERIC_TINY_TYPES",
     "ALL_TINY_TYPES",
