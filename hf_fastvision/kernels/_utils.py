@@ -41,6 +41,7 @@ __all__ = [
     "preferred_half_dtype",
     "device_guarded",
     "grad_buffers",
+    "mark_overwritten",
 ]
 
 
@@ -56,6 +57,15 @@ def grad_buffers(overwrite: bool, g: torch.Tensor, u: torch.Tensor, dy: torch.Te
     if overwrite and len({_storage(g), _storage(u), _storage(dy)}) == 3:
         return g, u
     return torch.empty_like(g), torch.empty_like(u)
+
+
+def mark_overwritten(*tensors: torch.Tensor) -> None:
+    """Bump the version counters of tensors a kernel wrote through raw pointers (autograd cannot see it), so any
+    other autograd node that saved them fails loudly when it unpacks them instead of reading gradients."""
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None:
+        for t in tensors:
+            bump(t)
 
 
 def triton_interpret() -> bool:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import device_guarded, grad_buffers as _grad_buffers, tl, triton, use_triton
+from ._utils import device_guarded, tl, triton, use_triton
+from ._utils import grad_buffers as _grad_buffers
+from ._utils import mark_overwritten as _mark_overwritten
 
 __all__ = ["GeGLUFunction", "geglu", "geglu_ref"]
 
@@ -77,18 +79,20 @@ class GeGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        dy = dy.contiguous()
         if ctx.overwrite == "done":
             raise RuntimeError(
                 "GeGLU's backward ran twice on one graph (retain_graph) after writing its gradients over its saved "
                 "inputs; load with patches={'mlp': False} for double backward through the fused MLP")
+        g, u = ctx.saved_tensors
+        dy = dy.contiguous()
         dg, du = _grad_buffers(ctx.overwrite, g, u, dy)
         if dg is g:
             ctx.overwrite = "done"
         n = g.numel()
         if n:
             device_guarded(_geglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+        if dg is g:
+            _mark_overwritten(g, u)
         return dg, du, None
 
 

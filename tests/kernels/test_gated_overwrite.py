@@ -53,3 +53,13 @@ def test_shared_storages_are_never_overwritten(device, name):
     assert torch.equal(both.detach(), before)
     ref = OPS[name](gu.detach().clone().requires_grad_(True), gu.detach().clone().requires_grad_(True))
     assert g.shape == gu.shape and torch.isfinite(g).all() and ref.shape == y.shape
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_another_saver_of_gate_fails_loudly_instead_of_reading_gradients(device, name):
+    x, w_g, w_u = _producers(device, torch.float32, (2, 16))
+    gate, up = x @ w_g, x @ w_u
+    other = gate * w_g.sum()  # a second consumer that saves `gate` (the patched MLP has none), created first so
+    y = OPS[name](gate, up, overwrite_inputs=True)  # autograd runs the activation's backward before it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + other.sum()).backward()
