@@ -54,15 +54,15 @@ def configure(environ: dict[str, str] | None = None) -> str:
     platform = _unsupported_platform()
     if platform:
         return f"unsupported on {platform}"
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        if getattr(torch.version, "hip", None):
-            return "unsupported on ROCm"
-        try:
-            if torch.cuda.is_initialized():
-                return "too late (CUDA already started)"
-        except Exception:  # pragma: no cover - a torch without CUDA support
-            return "no CUDA"
+    import torch  # the package imports it right after; importing it does not start CUDA
+
+    if getattr(torch.version, "hip", None):
+        return "unsupported on ROCm"
+    try:
+        if torch.cuda.is_initialized():
+            return "too late (CUDA already started)"
+    except Exception:  # pragma: no cover - a torch without CUDA support
+        return "no CUDA"
     env[_variable()] = SETTING
     return "set"
 

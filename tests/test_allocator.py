@@ -51,3 +51,10 @@ def test_the_package_import_ran_it():
     import hf_fastvision
 
     assert isinstance(hf_fastvision.ALLOCATOR_SETUP, str) and hf_fastvision.ALLOCATOR_SETUP
+
+
+def test_rocm_is_left_alone(clean, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    assert allocator.configure(clean) == "unsupported on ROCm" and clean == {}
