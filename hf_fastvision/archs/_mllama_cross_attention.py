@@ -100,16 +100,17 @@ def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
 
 
 def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
-                            cross_attention_states: torch.Tensor | None = None, past_key_values: Any = None,
-                            attention_mask: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
-    """Drop-in ``forward`` for ``MllamaTextCrossAttention``: the split where the mask is compact, else stock."""
+                            cross_attention_states: torch.Tensor | None = None, *args: Any,
+                            attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    """Drop-in ``forward`` for ``MllamaTextCrossAttention``: the split where the mask is compact, else stock.
+    The cache argument is ``past_key_values`` (transformers 5.17) or ``cache`` (5.24); both pass through."""
     from hf_fastvision.patching import original_forward
 
     compact = attention_mask if is_compact(attention_mask) else None
     dtype = _attention_dtype(hidden_states)
     usable = (
-        compact is not None and cross_attention_states is not None and past_key_values is None
-        and all(value is None for value in kwargs.values())  # e.g. a `cache=None` some versions pass along
+        compact is not None and cross_attention_states is not None and not args
+        and all(value is None or value is False for value in kwargs.values())  # no cache, no use_cache
         and dtype is not None and self.config._attn_implementation == "sdpa"
         and not (self.training and self.dropout)
     )
@@ -120,9 +121,8 @@ def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
             # the states come as [B * images * tiles, tokens, hidden]; the layer views them as [B, V, ...]
             keys = cross_attention_states.shape[:-1].numel() // hidden_states.shape[0]
             attention_mask = expand(compact, hidden_states.shape[1], keys, _mask_dtype(hidden_states))
-        return original_forward(self)(hidden_states, cross_attention_states=cross_attention_states,
-                                      past_key_values=past_key_values, attention_mask=attention_mask,
-                                      use_cache=use_cache, **kwargs)
+        return original_forward(self)(hidden_states, cross_attention_states, *args, attention_mask=attention_mask,
+                                      **kwargs)
     bsz, q_len, _ = hidden_states.shape
     q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2))
     k = self.k_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
@@ -142,7 +142,8 @@ def text_model_forward(self: nn.Module, *args: Any, **kwargs: Any):
     from hf_fastvision.patching import original_forward
 
     mask = kwargs.get("cross_attention_mask")
-    if (mask is not None and self.training and kwargs.get("past_key_values") is None and _all_layers_split(self)
+    no_cache = all(kwargs.get(k) is None for k in ("past_key_values", "cache"))  # 5.17 / 5.24 names
+    if (mask is not None and self.training and no_cache and _all_layers_split(self)
             and not (mask.is_cuda and torch.cuda.is_current_stream_capturing())):
         compact = compact_cross_mask(mask)
         if compact is not None:

@@ -101,3 +101,30 @@ def test_off_by_default_and_counted_when_on(tiny_checkpoint):
     counts = apply_patches(model, options={"cross_attention_split": True})
     n_cross = sum(type(m).__name__ == "MllamaTextCrossAttention" for m in model.modules())
     assert counts["cross_attention"] == n_cross > 0
+
+
+def test_a_compact_mask_in_a_call_the_split_does_not_cover_runs_stock_exactly(tiny_checkpoint, monkeypatch):
+    import hf_fastvision.archs._mllama_cross_attention as ca
+    from hf_fastvision.patching import original_forward
+
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("mllama")), load_in_4bit=True,
+                                               dtype=torch.float32, patches={"cross_attention_split": True})
+    attn = next(m for m in model.modules() if type(m).__name__ == "MllamaTextCrossAttention")
+    rows, tiles = 7, 2
+    tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    tokens = tokens * tokens + 1  # vision tokens per tile (patches + class token)
+    hidden = torch.randn(2, rows, attn.hidden_size)
+    states = torch.randn(2 * tiles, tokens, attn.hidden_size)  # [B * images * tiles, tokens, hidden]
+    tile_mask = torch.zeros(2, rows, 1, tiles, dtype=torch.long)
+    tile_mask[0, 2:, 0, :1] = 1
+    tile_mask[1, 0:, 0, :2] = 1
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    mask = _prepare_cross_attention_mask(tile_mask, num_vision_tokens=tokens, dtype=torch.float32)[0]
+    compact = compact_cross_mask(mask)
+    assert compact is not None
+    monkeypatch.setattr(ca, "_attention_dtype", lambda t: None)  # as for fp32 on CUDA: the split cannot run
+    with torch.no_grad():
+        got = attn(hidden_states=hidden, cross_attention_states=states, attention_mask=compact)[0]
+        ref = original_forward(attn)(hidden_states=hidden, cross_attention_states=states, attention_mask=mask)[0]
+    assert torch.equal(got, ref)
