@@ -82,6 +82,9 @@ class PatchOptions:
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
     """With activation checkpointing on CUDA, each layer's forward and recompute+backward replayed as CUDA graphs."""
+    cuda_graphs_lazy_backward: bool = False
+    """Capture each layer's backward graph at its first backward, not during the forward (a lower capture-step
+    peak: the forward's live state is gone by then). Opt-in until measured on a GPU."""
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -92,7 +95,8 @@ class PatchOptions:
         if value is False:
             return cls(rms_norm=False, mlp=False, vision_mlp=False, vision_states=False, cross_attention_split=False,
                        fused_loss=False, vision_attention=False,
-                       vision_attention_split=False, lora=False, cuda_graphs=False)
+                       vision_attention_split=False, lora=False, cuda_graphs=False,
+                       cuda_graphs_lazy_backward=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:

@@ -16,7 +16,7 @@
 #   bash scripts/gpu_plan.sh table      # graphs GPU test; ours without expandable segments; ours + unsloth, 2048+8192
 #   bash scripts/gpu_plan.sh final      # ours + unsloth at 2048+8192 (one run), then the graphs/kernel GPU tests
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
-#   bash scripts/gpu_plan.sh cross_ab   # the opt-in cross-attention split: GPU tests, then ours default vs split
+#   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -120,13 +120,16 @@ case "${1:-}" in
     timeout 150 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/probe \
       --probe vision_model multi_modal_projector 2>&1 | tail -6
     cp /tmp/probe/memory_peak.md /tmp/probe/memory_peak.json "$out/" ;;
-  cross_ab)  # ~6 minutes: what the fourth session built after its GPU time ran out, measured
+  cross_ab)  # ~8 minutes: what the fourth session built after its GPU time ran out, measured
     timeout 100 python -m pytest -q tests/gpu/test_mllama_cross_split_gpu.py tests/gpu/test_cuda_graphs_gpu.py \
       tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -2 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
       --out /tmp/c_off > /dev/null 2>&1
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 110 \
       --ours-patches '{"cross_attention_split": true}' --out /tmp/c_on > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 110 \
+      --ours-patches '{"cuda_graphs_lazy_backward": true}' --out /tmp/c_lazy > /dev/null 2>&1
+    cp /tmp/c_lazy/results.csv "$out/lazy_backward.csv"; grep "| Llama" /tmp/c_lazy/results.md | cut -c1-170
     cp /tmp/c_off/results.csv "$out/cross_off.csv"; cp /tmp/c_on/results.csv "$out/cross_on.csv"
     cp /tmp/c_on/workers.log "$out/cross_on_workers.log"
     grep "| Llama" /tmp/c_off/results.md /tmp/c_on/results.md | cut -c1-170; grep "CUDA graphs" "$out/cross_on_workers.log"

@@ -528,20 +528,21 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth", cuda_graphs: A
 def _graphs_for(model: nn.Module, mode: str, cuda_graphs: Any, current: Any) -> Any:
     from hf_fastvision.training.cuda_graphs import GraphedLayers, graphs_supported
 
+    options = model.__dict__.get("_hffv_patch_options")
+    if options is None:
+        base = getattr(model, "get_base_model", None)
+        options = base().__dict__.get("_hffv_patch_options") if callable(base) else None
     if cuda_graphs is None:
-        options = model.__dict__.get("_hffv_patch_options")
-        if options is None:
-            base = getattr(model, "get_base_model", None)
-            options = base().__dict__.get("_hffv_patch_options") if callable(base) else None
         cuda_graphs = bool(getattr(options, "cuda_graphs", False))
     if not cuda_graphs:
         return None
     emulate = cuda_graphs == "emulate"
+    lazy = bool(getattr(options, "cuda_graphs_lazy_backward", False))
     if not emulate and not graphs_supported():
         return None
-    if isinstance(current, GraphedLayers) and current.emulate == emulate:
+    if isinstance(current, GraphedLayers) and current.emulate == emulate and current.lazy_backward == lazy:
         return current  # keep the graphs already captured
-    return GraphedLayers(emulate=emulate)
+    return GraphedLayers(emulate=emulate, lazy_backward=lazy)
 
 
 def _wraps_ours(forward: Any, layer: nn.Module) -> bool:

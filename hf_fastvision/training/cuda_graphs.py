@@ -189,7 +189,8 @@ class _EmulatedGraph:
 # Per-layer entries and the autograd function that replays them
 # --------------------------------------------------------------------------------------------------------
 class _Entry:
-    __slots__ = ("fwd", "bwd", "static", "n_extra", "diff_extra", "params", "hidden_grad", "host_known")
+    __slots__ = ("fwd", "bwd", "static", "n_extra", "diff_extra", "params", "hidden_grad", "host_known",
+                 "capture_bwd")
 
     def __init__(self) -> None:
         self.fwd: Any = None
@@ -200,6 +201,7 @@ class _Entry:
         self.params: list[torch.Tensor] = []
         self.hidden_grad = False
         self.host_known: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        self.capture_bwd: Callable[[], Any] | None = None  # set while the backward graph waits (lazy_backward)
 
     def load(self, hidden: torch.Tensor, extras: list[torch.Tensor], grad_out: torch.Tensor | None = None) -> None:
         static = self.static
@@ -246,6 +248,8 @@ class _GraphedLayerFunction(torch.autograd.Function):
         entry: _Entry = ctx.entry
         box = ctx.box
         hidden = box.restore()
+        if entry.bwd is None:  # lazy_backward: captured at its first backward, when the forward's state is gone;
+            entry.bwd, entry.capture_bwd = entry.capture_bwd(), None  # before the load (an emulated capture runs)
         entry.load(hidden, ctx.extras, grad_out.to(entry.static[-1].dtype))
         grads = entry.bwd.replay()
         copies = [g.clone() if g is not None else None for g in grads]
@@ -267,9 +271,13 @@ class _GraphedLayerFunction(torch.autograd.Function):
 class GraphedLayers:
     """CUDA graphs for the checkpointed layers of one model (see the module docstring)."""
 
-    def __init__(self, max_keys: int = 4, emulate: bool = False) -> None:
+    def __init__(self, max_keys: int = 4, emulate: bool = False, lazy_backward: bool = False) -> None:
         self.max_keys = max_keys
         self.emulate = emulate
+        # capture a layer's backward graph at its first backward instead of next to its forward graph: the
+        # capture (and its warm-up, a whole recompute + backward) then does not coincide with the forward's live
+        # state (vision outputs, masks), which set our peak in the capture step
+        self.lazy_backward = lazy_backward
         self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0}
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
@@ -282,7 +290,7 @@ class GraphedLayers:
         self._layers: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
     def __deepcopy__(self, memo):  # a copied model gets its own, empty cache
-        return GraphedLayers(self.max_keys, self.emulate)
+        return GraphedLayers(self.max_keys, self.emulate, self.lazy_backward)
 
     # ---- public ----
     def run(
@@ -364,6 +372,26 @@ class GraphedLayers:
             box.forward_done()
 
     # ---- internals ----
+    def _capture_later(self, layer: nn.Module, capture: Callable[[], Any], run: Callable[[], Any],
+                       device: torch.device, entry: _Entry) -> Any:
+        """The lazy backward capture (see `lazy_backward`); a failure leaves that layer's backward eager."""
+        _register_host_known(entry.host_known)
+        try:
+            graph = capture()
+        except Exception as exc:  # the forward graph replays on; this layer's backward runs its function eagerly
+            self.stats["failures"] += 1
+            self.last_failure = f"{type(layer).__name__} backward: {type(exc).__name__}: {exc}"
+            _log_once(logging.WARNING, f"CUDA graphs: capturing {type(layer).__name__}'s backward failed "
+                      f"({type(exc).__name__}); it runs eagerly.")
+            if not self.emulate:
+                self._pools.pop(device, None)
+                torch.cuda.synchronize(device)
+            return _EagerRun(run)
+        finally:
+            _unregister_host_known(entry.host_known)
+        self.stats["backward_captures"] = self.stats.get("backward_captures", 0) + 1
+        return graph
+
     def _refuse(self, layer: nn.Module, why: str) -> Any:
         self.stats["refused"] += 1
         _log_once(logging.INFO, f"CUDA graphs: {type(layer).__name__} runs eagerly ({why}).")
@@ -456,15 +484,6 @@ class GraphedLayers:
             grad_bufs = [static_grad if share_grad and i == 0 else self._buffer(("grad", i), t)
                          for i, t in enumerate(wrt_like + entry.params)]
             order = sorted(range(len(grad_bufs)), key=lambda i: grad_bufs[i] is static_grad)
-            entry.bwd = self._new_graph(device)
-            if signature not in self._warmed:
-                entry.bwd.warm(bwd_body)
-                self._warmed.add(signature)
-                if not self.emulate:
-                    # the warm-up's temporaries (a whole recompute + backward) sit cached for the capture stream,
-                    # where no eager work can reuse them: hand them back before the pool grows beside them
-                    torch.cuda.empty_cache()
-
             def bwd() -> tuple:
                 grads = bwd_body()
                 for i in order:  # a copy into the shared gradient buffer comes last: others may alias it
@@ -472,7 +491,23 @@ class GraphedLayers:
                         grad_bufs[i].copy_(grads[i])
                 return tuple(buf if g is not None else None for buf, g in zip(grad_bufs, grads))
 
-            entry.bwd.capture(bwd)
+            def capture_backward() -> Any:
+                graph = self._new_graph(device)
+                if signature not in self._warmed:
+                    graph.warm(bwd_body)
+                    self._warmed.add(signature)
+                    if not self.emulate:
+                        # the warm-up's temporaries (a whole recompute + backward) sit cached for the capture
+                        # stream, where no eager work can reuse them: hand them back before the pool grows
+                        torch.cuda.empty_cache()
+                graph.capture(bwd)
+                return graph
+
+            if self.lazy_backward:
+                entry.bwd = None
+                entry.capture_bwd = lambda: self._capture_later(layer, capture_backward, bwd, device, entry)
+            else:
+                entry.bwd = capture_backward()
         except Exception as exc:  # a host sync or another uncapturable op inside the layer
             self.stats["failures"] += 1
             self.last_failure = f"{type(layer).__name__}: {type(exc).__name__}: {exc}"
@@ -488,6 +523,16 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
+
+
+class _EagerRun:
+    """A backward whose capture failed: `replay` runs the captured function eagerly (same buffers, same result)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def replay(self) -> Any:
+        return self.fn()
 
 
 def _can_share(result: torch.Tensor, buffer: torch.Tensor) -> bool:

@@ -33,9 +33,13 @@ def _train(model, batch, steps=5, lr=1e-2):
     return losses, grads
 
 
-@pytest.mark.parametrize("name,mode", [("qwen2_5_vl", "unsloth"), ("qwen3_vl", "unsloth"), ("mllama", "unsloth"),
-                                       ("gemma3", "unsloth"), ("idefics3", "unsloth"), ("qwen2_5_vl", True)])
-def test_graphed_qlora_equals_eager(name, mode, tiny_checkpoint):
+@pytest.mark.parametrize("name,mode,patches", [("qwen2_5_vl", "unsloth", None), ("qwen3_vl", "unsloth", None),
+                                               ("mllama", "unsloth", None), ("gemma3", "unsloth", None),
+                                               ("idefics3", "unsloth", None), ("qwen2_5_vl", True, None),
+                                               ("mllama", "unsloth", {"cuda_graphs_lazy_backward": True,
+                                                                      "cross_attention_split": True}),
+                                               ("qwen2_5_vl", "unsloth", {"cuda_graphs_lazy_backward": True})])
+def test_graphed_qlora_equals_eager(name, mode, patches, tiny_checkpoint):
     from hf_fastvision import FastVisionModel
     from hf_fastvision.archs.tiny import missing_dependencies, sample_batch
     from hf_fastvision.training.checkpointing import enable_checkpointing
@@ -45,7 +49,7 @@ def test_graphed_qlora_equals_eager(name, mode, tiny_checkpoint):
     runs = []
     for graphs in (False, True):
         model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)), max_seq_length=256,
-                                                           dtype=torch.bfloat16)
+                                                           dtype=torch.bfloat16, patches=patches if graphs else None)
         peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
         with torch.no_grad():
             for pname, param in peft_model.named_parameters():
@@ -59,6 +63,8 @@ def test_graphed_qlora_equals_eager(name, mode, tiny_checkpoint):
             stats = _stats(peft_model.get_base_model())
             assert stats["failures"] == 0 and stats["captures"] > 0, stats
             assert stats["replays"] >= 3 * stats["captures"], stats
+            if patches and patches.get("cuda_graphs_lazy_backward"):  # captured in the autograd engine's thread
+                assert stats.get("backward_captures") == stats["captures"], stats
     (ref_losses, ref_grads), (losses, grads) = runs
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=2e-2)
     for g_ref, g in zip(ref_grads, grads):

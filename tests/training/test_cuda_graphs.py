@@ -239,3 +239,67 @@ def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, mo
     stats = _graphs(peft_model.get_base_model()).stats
     assert stats["failures"] == attempts.count("Qwen2_5_VLVisionBlock") > 0, (attempts, stats)
     assert stats["captures"] == attempts.count("Qwen2_5_VLDecoderLayer") > 0, (attempts, stats)
+
+
+def test_lazy_backward_captures_at_the_first_backward_and_matches_eager():
+    from hf_fastvision.training.checkpointing import _STATE_ATTR
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}] * 4
+    ref_model, model = _llama(), _llama()
+    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    for layer in model.model.layers:  # what `patches={"cuda_graphs_lazy_backward": True}` builds
+        layer.__dict__[_STATE_ATTR].manager.graphs.lazy_backward = True
+    graphs = _graphs(model)
+    seen_at_forward_end = []
+    real_forward = model.model.norm.forward
+
+    def norm_forward(x):  # runs once all layers' forwards are done: no backward graph may exist yet in step 2
+        seen_at_forward_end.append(graphs.stats.get("backward_captures", 0))
+        return real_forward(x)
+
+    model.model.norm.forward = norm_forward
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    assert graphs.stats["captures"] == 3 and graphs.stats["backward_captures"] == 3, graphs.stats
+    assert seen_at_forward_end[:2] == [0, 0] and seen_at_forward_end[2] == 3  # captured in step 2's backward
+    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+        for n in g_ref:
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_failed_lazy_backward_capture_runs_that_backward_eagerly(monkeypatch):
+    import hf_fastvision.training.cuda_graphs as cg
+
+    real = cg._EmulatedGraph.capture
+    calls = []
+
+    def capture(self, fn):
+        calls.append(fn.__name__)
+        if fn.__name__ == "bwd":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(self, fn)
+
+    monkeypatch.setattr(cg._EmulatedGraph, "capture", capture)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}] * 3
+    ref_model, model = _llama(), _llama()
+    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
+    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    graphs = _graphs(model)
+    graphs.lazy_backward = True
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    assert "bwd" in calls and graphs.stats["failures"] == 3 and graphs.stats["replays"] == 6, graphs.stats
+    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+        for n in g_ref:
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_lazy_flag_reaches_the_graphs(tiny_checkpoint):
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), max_seq_length=256,
+                                               patches={"cuda_graphs_lazy_backward": True})
+    peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs="emulate")
+    assert _graphs(peft_model.get_base_model()).lazy_backward is True
