@@ -121,7 +121,7 @@ case "${1:-}" in
       --probe vision_model multi_modal_projector 2>&1 | tail -6
     cp /tmp/probe/memory_peak.md /tmp/probe/memory_peak.json "$out/" ;;
   cross_ab)  # ~8 minutes: what the fourth session built after its GPU time ran out, measured
-    timeout 100 python -m pytest -q tests/gpu/test_mllama_cross_split_gpu.py tests/gpu/test_cuda_graphs_gpu.py \
+    timeout 150 python -m pytest -q tests/gpu/test_mllama_cross_split_gpu.py tests/gpu/test_cuda_graphs_gpu.py \
       tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -2 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
       --out /tmp/c_off > /dev/null 2>&1
