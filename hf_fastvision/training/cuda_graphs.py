@@ -379,18 +379,22 @@ class GraphedLayers:
         try:
             graph = capture()
         except Exception as exc:  # the forward graph replays on; this layer's backward runs its function eagerly
-            self.stats["failures"] += 1
-            self.last_failure = f"{type(layer).__name__} backward: {type(exc).__name__}: {exc}"
-            _log_once(logging.WARNING, f"CUDA graphs: capturing {type(layer).__name__}'s backward failed "
-                      f"({type(exc).__name__}); it runs eagerly.")
-            if not self.emulate:
-                self._pools.pop(device, None)
-                torch.cuda.synchronize(device)
+            self._capture_failed(f"{type(layer).__name__}'s backward", exc, device)
             return _EagerRun(run)
         finally:
             _unregister_host_known(entry.host_known)
         self.stats["backward_captures"] = self.stats.get("backward_captures", 0) + 1
         return graph
+
+    def _capture_failed(self, what: str, exc: Exception, device: torch.device) -> None:
+        self.stats["failures"] += 1
+        self.last_failure = f"{what}: {type(exc).__name__}: {exc}"
+        _log_once(logging.WARNING, f"CUDA graphs: capturing {what} failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.")
+        if not self.emulate:
+            # a failed capture can leave its pool marked as recording: later captures get a fresh pool
+            self._pools.pop(device, None)
+            torch.cuda.synchronize(device)
 
     def _refuse(self, layer: nn.Module, why: str) -> Any:
         self.stats["refused"] += 1
@@ -509,14 +513,7 @@ class GraphedLayers:
             else:
                 entry.bwd = capture_backward()
         except Exception as exc:  # a host sync or another uncapturable op inside the layer
-            self.stats["failures"] += 1
-            self.last_failure = f"{type(layer).__name__}: {type(exc).__name__}: {exc}"
-            _log_once(logging.WARNING, f"CUDA graphs: capturing {type(layer).__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it runs eagerly.")
-            if not self.emulate:
-                # a failed capture can leave its pool marked as recording: later captures get a fresh pool
-                self._pools.pop(device, None)
-                torch.cuda.synchronize(device)
+            self._capture_failed(type(layer).__name__, exc, device)
             return None
         finally:
             _unregister_host_known(entry.host_known)
