@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         if i < 2:  # the bench's gradient check, same temporaries
             norms = [q.grad.detach().float().norm() for q in opt.param_groups[0]["params"] if q.grad is not None]
-            float(torch.stack(norms).norm()) if norms else 0.0
+            if norms:
+                torch.stack(norms).norm().item()
         opt.zero_grad(set_to_none=True)
         del result, loss
         torch.cuda.synchronize()

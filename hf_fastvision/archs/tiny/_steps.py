@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, autocast: Any = None,
-              prepare: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None,
+              autocast: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
-    exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given;
-    ``prepare(model)`` runs right after loading) and return ``(model, loss, {name: grad})``."""
+    exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given)
+    and return ``(model, loss, {name: grad})``."""
     import torch
 
     from hf_fastvision import FastVisionModel
@@ -19,8 +19,6 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, au
     model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=dtype or torch.bfloat16,
                                                patches=patches)
     open_zero_gates(model)
-    if prepare is not None:
-        prepare(model)
     torch.manual_seed(0)
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
                                            random_state=0)
