@@ -55,21 +55,32 @@ def _train(model, batches, lr=0.05):
     return out
 
 
-def test_emulated_graphs_match_eager_over_steps():
+def _eager_and_graphed(steps: int):
+    """Two identical tiny Llamas, checkpointed eagerly and with emulated graphs, and ``steps`` equal batches."""
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "labels": ids}] * 4
     ref_model, model = _llama(), _llama()
     enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
     enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    return [{"input_ids": ids, "labels": ids}] * steps, ref_model, model
+
+
+def _assert_same_training(ref, got):
+    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+        assert g_ref.keys() == g_got.keys()
+        for n in g_ref:
+            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_emulated_graphs_match_eager_over_steps():
+    batches, ref_model, model = _eager_and_graphed(4)
     ref, got = _train(ref_model, batches), _train(model, batches)
     stats = _graphs(model).stats
     # step 1 eager (first sight), step 2 captures each layer once, steps 2-4 replay
     assert stats["captures"] == 3 and stats["replays"] == 9 and stats["eager_calls"] == 3, stats
-    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
-        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
-        assert g_ref.keys() == g_got.keys() and "model.embed_tokens.weight" in g_got
-        for n in g_ref:  # gradients reach the layer weights and, through the layer inputs, the embeddings
-            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    # gradients reach the layer weights and, through the layer inputs, the embeddings
+    assert all("model.embed_tokens.weight" in grads for _, grads in got)
+    _assert_same_training(ref, got)
     # the output and the input's gradient reuse the input's buffers: no separate "out" or hidden-"grad" buffer
     slots = [key[0] for key in _graphs(model)._buffers]
     assert 0 in slots and ("grad_out", 0) in slots
@@ -218,16 +229,11 @@ def _failing_capture(monkeypatch, failing: str) -> list[str]:
 
 def test_a_failed_capture_is_not_retried_by_layers_of_the_same_class_and_shape(monkeypatch):
     attempts = _failing_capture(monkeypatch, "LlamaDecoderLayer")
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "labels": ids}] * 3
-    ref_model, model = _llama(), _llama()
-    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
-    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    batches, ref_model, model = _eager_and_graphed(3)
     ref, got = _train(ref_model, batches), _train(model, batches)
     stats = _graphs(model).stats
     assert attempts == ["LlamaDecoderLayer"] and stats["failures"] == 1 and stats["captures"] == 0, (attempts, stats)
-    for (l_ref, _), (l_got, _) in zip(ref, got):
-        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+    _assert_same_training(ref, got)
 
 
 def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, monkeypatch):
@@ -242,16 +248,9 @@ def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, mo
 
 
 def test_lazy_backward_captures_at_the_first_backward_and_matches_eager():
-    from hf_fastvision.training.checkpointing import _STATE_ATTR
-
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "labels": ids}] * 4
-    ref_model, model = _llama(), _llama()
-    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
-    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
-    for layer in model.model.layers:  # what `patches={"cuda_graphs_lazy_backward": True}` builds
-        layer.__dict__[_STATE_ATTR].manager.graphs.lazy_backward = True
+    batches, ref_model, model = _eager_and_graphed(4)
     graphs = _graphs(model)
+    graphs.lazy_backward = True  # what `patches={"cuda_graphs_lazy_backward": True}` builds
     seen_at_forward_end = []
     real_forward = model.model.norm.forward
 
@@ -263,10 +262,7 @@ def test_lazy_backward_captures_at_the_first_backward_and_matches_eager():
     ref, got = _train(ref_model, batches), _train(model, batches)
     assert graphs.stats["captures"] == 3 and graphs.stats["backward_captures"] == 3, graphs.stats
     assert seen_at_forward_end[:2] == [0, 0] and seen_at_forward_end[2] == 3  # captured in step 2's backward
-    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
-        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
-        for n in g_ref:
-            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_same_training(ref, got)
 
 
 def test_a_failed_lazy_backward_capture_runs_that_backward_eagerly(monkeypatch):
@@ -282,19 +278,12 @@ def test_a_failed_lazy_backward_capture_runs_that_backward_eagerly(monkeypatch):
         return real(self, fn)
 
     monkeypatch.setattr(cg._EmulatedGraph, "capture", capture)
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "labels": ids}] * 3
-    ref_model, model = _llama(), _llama()
-    enable_checkpointing(ref_model, "unsloth", cuda_graphs=False)
-    enable_checkpointing(model, "unsloth", cuda_graphs="emulate")
+    batches, ref_model, model = _eager_and_graphed(3)
     graphs = _graphs(model)
     graphs.lazy_backward = True
     ref, got = _train(ref_model, batches), _train(model, batches)
     assert "bwd" in calls and graphs.stats["failures"] == 3 and graphs.stats["replays"] == 6, graphs.stats
-    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
-        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
-        for n in g_ref:
-            torch.testing.assert_close(g_got[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_same_training(ref, got)
 
 
 def test_the_lazy_flag_reaches_the_graphs(tiny_checkpoint):
