@@ -54,6 +54,17 @@ GIB = bq.GIB
 
 
 # ----------------------------------------------------------------------------------------------------------
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The arguments `_load` / `_batch` read (shared by profile_step.py and memory_peak.py)."""
+    p.add_argument("--model", default="qwen2_5_vl_7b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gc", default="unsloth")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--workdir", default=None)
+
+
 def _workdir(args) -> Path:
     return Path(args.workdir or f"/tmp/bench_qlora_{args.model}" + (f"_l{args.layers}" if args.layers else ""))
 

@@ -137,16 +137,12 @@ def probe_holders(model: Any, batch: dict, module_suffix: str) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    import bench_scaling as bs
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qwen2_5_vl_7b")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--gc", default="unsloth")
+    bs.add_checkpoint_args(p)
     p.add_argument("--steps", type=int, default=4, help="steps recorded from the first (captures included)")
     p.add_argument("--patches", default=None, help="JSON dict of patch flags for ours (e.g. cuda_graphs off)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--workdir", default=None)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", default="memory_out")
     p.add_argument("--probe", nargs="*", default=[],
@@ -154,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-
-    import bench_scaling as bs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,15 +30,9 @@ import bench_scaling as bs  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qwen2_5_vl_7b")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--gc", default="unsloth")
+    bs.add_checkpoint_args(p)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--workdir", default=None)
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--trace", action="store_true")
     p.add_argument("--out", default="profile_out")
