@@ -114,6 +114,15 @@ case "${1:-}" in
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs\|allocator" "$out/workers.log"
     timeout 100 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py tests/kernels/test_gated_overwrite.py \
       tests/kernels/test_swiglu.py tests/kernels/test_geglu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -2 "$out/gpu_tests.txt" ;;
+  final_prof)  # ~9 minutes: kernel GPU tests, ours vs Unsloth same run, then a profile of ours at 8192
+    timeout 70 python -m pytest -q tests/kernels/test_gated_overwrite.py tests/kernels/test_swiglu.py \
+      tests/kernels/test_geglu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth --steps 6 \
+      --budget 370 --out /tmp/f_main > /dev/null 2>&1
+    cp /tmp/f_main/results.md /tmp/f_main/results.csv /tmp/f_main/workers.log "$out/"
+    grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs" "$out/workers.log"
+    timeout 110 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
+      --out "$out/profile_8192" 2>&1 | tail -1 ;;
   probe)  # ~3 minutes (builds the folder first)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
       --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
@@ -141,5 +150,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

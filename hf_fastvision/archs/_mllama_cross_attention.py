@@ -1,4 +1,4 @@
-"""Mllama's text cross-attention without its ``[S, V]`` mask (patch flag ``cross_attention_split``, opt-in).
+"""Mllama's text cross-attention without its ``[S, V]`` mask (patch flag ``cross_attention_split``, on by default).
 
 Stock: every cross-attention layer runs SDPA with a float mask ``[B, 1, S, V]`` (``V`` = images x tiles x 1601
 vision tokens). ``_prepare_cross_attention_mask`` builds it from the processor's per-token tile mask: ``min``

@@ -17,7 +17,7 @@ MLLAMA = register_arch(
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
         patches={"rms_norm": "rms", "mlp": "swiglu",
-                 # PatchOptions.cross_attention_split (opt-in): the text cross-attention over the visible keys only
+                 # PatchOptions.cross_attention_split: the text cross-attention over the visible keys only
                  "cross_attention_split": (("TextCrossAttention", cross_attention_forward),
                                            ("TextModel", text_model_forward)),
                  # PatchOptions.vision_states: the encoders keep only the layer outputs the vision model reads

@@ -1,4 +1,4 @@
-"""Mllama's text cross-attention split (patch flag `cross_attention_split`, opt-in): the compact mask stands for
+"""Mllama's text cross-attention split (patch flag `cross_attention_split`, on by default): the compact mask stands for
 the stock one exactly, the split equals masked SDPA, and a patched tiny model trains like the stock one."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_patched_tiny_mllama_trains_like_stock(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(ca, "split_cross_attention", lambda *a, **k: calls.append(1) or real_split(*a, **k))
     folder = str(tiny_checkpoint("mllama"))
     split, loss_s, grads_s = lora_step(folder, "mllama", {"cross_attention_split": True}, dtype=torch.float32)
-    stock, loss_r, grads_r = lora_step(folder, "mllama", None, dtype=torch.float32)
+    stock, loss_r, grads_r = lora_step(folder, "mllama", {"cross_attention_split": False}, dtype=torch.float32)
     kinds = patched_modules(split)
     assert "cross_attention_split" in kinds.values() and "cross_attention_split" not in patched_modules(stock).values()
     assert calls, "the split path must really run"
@@ -91,16 +91,20 @@ def test_patched_tiny_mllama_trains_like_stock(tiny_checkpoint, monkeypatch):
         torch.testing.assert_close(grads_s[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_off_by_default_and_counted_when_on(tiny_checkpoint):
-    folder = str(tiny_checkpoint("mllama"))
-    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32)
-    assert "cross_attention_split" not in patched_modules(model).values()
+def test_on_by_default_counted_and_off_on_request(tiny_checkpoint):
     from hf_fastvision.patching import apply_patches, unpatch
 
-    unpatch(model)
-    counts = apply_patches(model, options={"cross_attention_split": True})
+    folder = str(tiny_checkpoint("mllama"))
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32)
     n_cross = sum(type(m).__name__ == "MllamaTextCrossAttention" for m in model.modules())
-    assert counts["cross_attention"] == n_cross > 0
+    kinds = patched_modules(model)
+    assert kinds["model.language_model"] == "cross_attention_split"  # the text model hands out the compact mask
+    assert list(kinds.values()).count("cross_attention_split") == n_cross + 1 > 1
+    unpatch(model)
+    assert apply_patches(model, options={"cross_attention_split": False})["cross_attention"] == 0
+    assert "cross_attention_split" not in patched_modules(model).values()
+    unpatch(model)
+    assert apply_patches(model)["cross_attention"] == n_cross
 
 
 def test_a_compact_mask_in_a_call_the_split_does_not_cover_runs_stock_exactly(tiny_checkpoint, monkeypatch):

@@ -1,4 +1,4 @@
-"""Mllama's opt-in text cross-attention split on CUDA (GPU machine): torch's flash varlen kernel == masked SDPA at the
+"""Mllama's text cross-attention split on CUDA (GPU machine): torch's flash varlen kernel == masked SDPA at the
 real head layout (32 query / 8 kv heads, dim 128), with gradients, and the call captures in a CUDA graph."""
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphe
     """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA.
     With `ref_patches`, the eager reference runs with those flags (Mllama: the stock masked vision attention) and
     the graphed run with the defaults (the split), which must still match; `graphed_patches` likewise for the
-    graphed run (Mllama: the opt-in cross-attention split, whose compact mask is a layer argument)."""
+    graphed run (Mllama: the cross-attention split, whose compact mask is a layer argument)."""
     if missing := missing_dependencies(name):
         pytest.skip(f"needs {missing}")
     assert name in NAMED_TINY_TYPES
