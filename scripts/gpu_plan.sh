@@ -123,13 +123,6 @@ case "${1:-}" in
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs" "$out/workers.log"
     timeout 110 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
       --out "$out/profile_8192" 2>&1 | tail -1 ;;
-  first_sight)  # ~3 minutes: graphs GPU tests, then ours at 2048+8192 (captures in step 1)
-    timeout 60 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
-    tail -1 "$out/gpu_tests.txt"
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
-      --out /tmp/fs > /dev/null 2>&1
-    cp /tmp/fs/results.md /tmp/fs/results.csv /tmp/fs/workers.log "$out/"
-    grep "| Llama" "$out/results.md" | cut -c1-170; grep "CUDA graphs" "$out/workers.log" ;;
   probe)  # ~3 minutes (builds the folder first)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
       --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
@@ -157,5 +150,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|first_sight|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

@@ -15,10 +15,7 @@ How (used by `checkpointing.py` in both modes, ``patches={"cuda_graphs": ...}``)
   tensor arguments, non-tensor argument values, the values of small 1-D integer tensors (``cu_seqlens``: the
   host reads them to schedule attention), autocast state and the addresses of the layer's parameters. The
   first call with a key runs eagerly (warming kernel and plan caches); the second captures both graphs; later
-  calls replay. A layer's first shape is captured at its first call when a sibling with the same call signature
-  (the key less the parameter addresses) has already run it eagerly: all but the first layer of each kind are
-  captured in step 1, before the optimizer state exists, so the capture round is not the step's memory peak.
-  Later shapes wait for their second call, so one-off shapes of a dynamically padded run are not captured. Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
+  calls replay. Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
   parameters on several devices or sharded) makes the capture fail or be refused and that key runs eagerly
   from then on, with one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
 - All graphs of a model share one memory pool and static input buffers: layers run one after another and every
@@ -284,7 +281,6 @@ class GraphedLayers:
         self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0}
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
-        self._seen: set[Any] = set()  # call signatures (the key less the parameter addresses) some layer ran eagerly
         self._flush_pending = False
         self.disabled = False  # set after MAX_FAILURES distinct failed captures
         self._bad: set[Any] = set()  # (layer class, shape signature) whose capture failed: eager for every layer
@@ -331,17 +327,11 @@ class GraphedLayers:
         if entries is None:
             entries = self._layers[layer] = OrderedDict()
         entry = entries.get(key)
-        if entry is None:
-            if key[:4] in self._seen and not any(isinstance(e, _Entry) for e in entries.values()):
-                # a layer's first shape, already run eagerly by a sibling of its kind: capture now (in step 1,
-                # before the optimizer state exists, which lowers the capture round's peak)
-                entry = "seen"
-            else:  # first sight: eager (warms caches); the next call with this key captures
-                self._seen.add(key[:4])
-                if len(entries) < 2 * self.max_keys:
-                    entries[key] = "seen"
-                self.stats["eager_calls"] += 1
-                return NotImplemented
+        if entry is None:  # first sight: eager (warms caches); the next call with this key captures
+            if len(entries) < 2 * self.max_keys:
+                entries[key] = "seen"
+            self.stats["eager_calls"] += 1
+            return NotImplemented
         if entry == "bad":
             self.stats["eager_calls"] += 1
             return NotImplemented
