@@ -11,7 +11,8 @@ path) are left as they are.
 - `vision_mlp`: where the spec names one (Mllama), the vision MLP runs in the autocast dtype without the fp32
   round trips 4-bit linears cause (bit-identical; `archs/_mllama_vision_mlp.py`).
 - `vision_states`: where the spec names one (Mllama), the vision encoders keep only the layer outputs the model
-  reads later instead of all of them (`archs/_mllama_vision_encoder.py`; the same values, ~1 GiB less at the peak).
+  reads later instead of all of them (`archs/_mllama_vision_encoder.py`; the same values, ~1 GiB less at the peak),
+  and in training the model frees the vision output once it is projected (`archs/_mllama_model.py`).
 - `cross_attention_split`: Mllama's text cross-attention as a flash varlen call over the keys each row can see,
   where the mask has the one-image form (`archs/_mllama_cross_attention.py`); any other form runs stock.
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
@@ -66,7 +67,8 @@ class PatchOptions:
     vision_mlp: bool = True
     """Mllama's vision MLP in the autocast dtype, without fp32 round trips (bit-identical)."""
     vision_states: bool = True
-    """Mllama's vision encoders keep only the layer outputs the model reads (5 of 40), not all of them."""
+    """Mllama's vision encoders keep only the layer outputs the model reads (5 of 40), not all of them, and in
+    training the model frees the vision output once it is projected."""
     fused_loss: bool = True
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
@@ -214,6 +216,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         attention = spec.patches.get("vision_attention_split")  # counted as vision_attention
     vision_mlp = spec.patches.get("vision_mlp") if opts.vision_mlp else None
     states = spec.patches.get("vision_states") if opts.vision_states else None
+    release = spec.patches.get("vision_output") if opts.vision_states else None  # (class name, forward)
     cross = spec.patches.get("cross_attention_split", ()) if opts.cross_attention_split else ()
     for name, module in model.named_modules():
         if cross and (name in roots.language or _under(name, roots.language)):
@@ -223,6 +226,9 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
                 bound = _bind(module, "cross_attention_split", forward)
                 counts["cross_attention"] += int(bound and kind == "attention")
                 continue
+        if release and type(module).__name__ == release[0]:
+            counts["vision_states"] += _bind(module, "vision_states", release[1])
+            continue
         if not _under(name, scope):
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):

@@ -2,6 +2,7 @@
 
 from hf_fastvision.archs import _budget
 from hf_fastvision.archs._mllama_cross_attention import cross_attention_forward, text_model_forward
+from hf_fastvision.archs._mllama_model import project_then_forward
 from hf_fastvision.archs._mllama_vision_attention import split_vision_attention_forward
 from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, prepare_lean_encoder
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
@@ -22,6 +23,8 @@ MLLAMA = register_arch(
                                            ("TextModel", text_model_forward)),
                  # PatchOptions.vision_states: the encoders keep only the layer outputs the vision model reads
                  "vision_states": ("VisionEncoder", lean_encoder_forward, prepare_lean_encoder),
+                 # ... and, under the same flag, the model frees the vision output once projected (training)
+                 "vision_output": ("MllamaModel", project_then_forward),
                  # PatchOptions.vision_mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
                  "vision_mlp": ("VisionMLP", vision_mlp_forward),
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)

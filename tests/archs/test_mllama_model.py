@@ -1,0 +1,77 @@
+"""Mllama's model frees the vision output once it is projected (patch flag `vision_states`, training only): the
+fp32 vision output is gone before the text model runs, where stock keeps it; outside training the stock forward
+runs. Same values: `test_mllama_vision_encoder.py::test_a_checkpointed_4bit_lora_step_is_unchanged`."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs.tiny import sample_batch, tiny_processor
+from hf_fastvision.patching import patched_modules
+
+pytest.importorskip("bitsandbytes")
+
+
+def _lora_model(folder: str, patches=None):
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32, patches=patches)
+    return FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0, finetune_vision_layers=True,
+                                          random_state=0)
+
+
+def _vision_output_alive_at_the_text_model(model, batch) -> bool:
+    base = model.get_base_model().model  # MllamaModel
+    refs, alive = [], []
+
+    def check(module, args) -> None:  # a pre-hook returning anything but None would replace the arguments
+        gc.collect()
+        alive.append(all(r() is not None for r in refs))
+
+    hooks = [
+        base.vision_model.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out.last_hidden_state))),
+        base.language_model.register_forward_pre_hook(check),
+    ]
+    try:
+        loss = model(**batch).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    assert refs and len(alive) == 1
+    if loss.requires_grad:
+        loss.backward()
+    return alive[0]
+
+
+def test_in_training_the_vision_output_is_freed_before_the_text_model(tiny_checkpoint):
+    folder = str(tiny_checkpoint("mllama"))
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    lean, stock = _lora_model(folder), _lora_model(folder, {"vision_states": False})
+    assert patched_modules(lean.get_base_model())["model"] == "vision_states"
+    assert "model" not in patched_modules(stock.get_base_model())
+    lean.train(), stock.train()
+    assert _vision_output_alive_at_the_text_model(stock, batch)  # the stock frame keeps it: the test can tell
+    assert not _vision_output_alive_at_the_text_model(lean, batch)
+    # some vision LoRA weight still gets its gradient through the projected states
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lean.named_parameters()
+               if "vision_model" in n and "lora_" in n)
+
+
+def test_outside_training_the_stock_forward_runs(tiny_checkpoint):
+    model = _lora_model(str(tiny_checkpoint("mllama")))
+    model.eval()
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    with torch.no_grad():
+        assert _vision_output_alive_at_the_text_model(model, batch)
+
+
+def test_conflicting_inputs_keep_the_stock_error(tiny_checkpoint):
+    model = _lora_model(str(tiny_checkpoint("mllama")))
+    model.train()
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    states = torch.zeros(2, 4, model.get_base_model().config.text_config.hidden_size)
+    with pytest.raises(ValueError, match="cannot be provided simultaneously"):
+        model(**batch, cross_attention_states=states)
