@@ -475,7 +475,7 @@ def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[
         "--workdir", str(work), "--seqs", *map(str, args.seqs), "--steps", str(args.steps),
         "--batch", str(args.batch), "--autocast", args.autocast, "--deadline", f"{deadline:.1f}",
         "--ours-patches", args.ours_patches, "--hf-upcast", args.hf_upcast,
-        "--max-seq", str(max(args.seqs)),
+        "--max-seq", str(max(args.seqs)), "--ours-device-map", args.ours_device_map,
     ]
     timeout = max(5.0, deadline - time.time() + args.grace)
     t0 = time.perf_counter()
@@ -538,7 +538,7 @@ COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s"
            "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "end_reserved_gib", "n_4bit",
            "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
-           "losses", "autocast", "error", "worker_wall_s"]
+           "losses", "autocast", "error", "worker_wall_s", "load_parts"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -737,16 +737,33 @@ def _load_ours(folder: str, args, device: str):
 
     from hf_fastvision import FastVisionModel
 
+    device_map = json.loads(getattr(args, "ours_device_map", '"sequential"'))
     model, _processor = FastVisionModel.from_pretrained(
         folder, max_seq_length=args.max_seq, load_in_4bit=True, use_gradient_checkpointing="unsloth",
-        dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")),
+        dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")), device_map=device_map,
     )
+    _load_part("from_pretrained")
     model = FastVisionModel.get_peft_model(
         model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
         finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
         random_state=SEED,
     )
+    _load_part("get_peft_model")
     return model
+
+
+_LOAD_PARTS: dict[str, float] = {}
+_LOAD_T0: list[float] = []
+
+
+def _load_part(name: str) -> None:
+    """Seconds since the load began (GPU synced) at the end of each phase: where a system's load time goes."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if _LOAD_T0:
+        _LOAD_PARTS[name] = round(time.perf_counter() - _LOAD_T0[0], 2)
 
 
 def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
@@ -763,10 +780,12 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
         device_map={"": 0} if device == "cuda" else "cpu",
     )
     model.config.use_cache = False
+    _load_part("from_pretrained")
     # the recipe loads the processor too (ours and unsloth return one): part of the timed load for every system
     from transformers import AutoProcessor
 
     AutoProcessor.from_pretrained(folder)
+    _load_part("processor")
     # the common recipe: freeze, upcast the 16-bit weights to fp32; checkpointing enabled right below
     if getattr(args, "hf_upcast", "on") == "on":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -785,6 +804,7 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
                         target_modules=plan["lora_target"], task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.train()
+    _load_part("prepare_checkpointing_peft")
     return model, gc_api
 
 
@@ -796,6 +816,7 @@ def _load_unsloth(folder: str, args, device: str):
         folder, max_seq_length=args.max_seq, load_in_4bit=True, use_gradient_checkpointing="unsloth",
         dtype=torch.bfloat16,
     )
+    _load_part("from_pretrained")
     model = FastVisionModel.get_peft_model(
         model, finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
         finetune_mlp_modules=True, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0, bias="none",
@@ -803,6 +824,7 @@ def _load_unsloth(folder: str, args, device: str):
     )
     if hasattr(FastVisionModel, "for_training"):
         FastVisionModel.for_training(model)
+    _load_part("get_peft_model")
     return model
 
 
@@ -865,6 +887,7 @@ def worker_main(args) -> int:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
+        _LOAD_T0[:] = [t0]
         if system == "ours":
             model = _load_ours(folder, args, device)
         elif system == "hf":
@@ -898,8 +921,9 @@ def worker_main(args) -> int:
     after_load = torch.cuda.memory_allocated() / GIB if cuda else None
     counts = _count_modules(model)
     res.extra.update({"load_s": round(load_s, 2), "load_peak_gib": load_peak, "after_load_gib": after_load,
-                      **counts, "note": note})
-    print(f"[{system}] loaded in {load_s:.1f} s: {counts}", flush=True)
+                      **counts, "note": note, "load_parts": dict(_LOAD_PARTS)})
+    print(f"[{system}] loaded in {load_s:.1f} s (cumulative s at the end of each phase: {_LOAD_PARTS}): {counts}",
+          flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # kept on the host: a GPU copy would add the trainable size (0.25 GiB for Llama-11B's LoRA) to every peak
     init_state = [p.detach().to("cpu", copy=True) for p in trainable]
@@ -1003,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="cut layer counts (quick tests)")
     p.add_argument("--ours-patches", default="true",
                    help='our kernel patches: "true", "false" or JSON flags, e.g. \'{"fused_loss": false}\' (A/B runs)')
+    p.add_argument("--ours-device-map", default='"sequential"',
+                   help='JSON device_map for ours (A/B of the load time), e.g. \'{"": 0}\'')
     p.add_argument("--autocast", choices=["on", "off"], default="on",
                    help="forward under bf16 autocast, as Trainer(bf16=True) does (off: plain loop; the hf recipe's "
                         "fp32-upcast norms then carry fp32 activations into attention)")

@@ -17,6 +17,7 @@
 #   bash scripts/gpu_plan.sh final      # ours + unsloth at 2048+8192 (one run), then the graphs/kernel GPU tests
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
+#   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 8192
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -123,6 +124,18 @@ case "${1:-}" in
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "CUDA graphs" "$out/workers.log"
     timeout 110 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
       --out "$out/profile_8192" 2>&1 | tail -1 ;;
+  next)  # ~8 minutes: what the fifth session built after its GPU time ran out, then where the load time goes
+    timeout 60 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf --steps 6 \
+      --budget 330 --out /tmp/n_main > /dev/null 2>&1
+    cp /tmp/n_main/results.md /tmp/n_main/results.csv /tmp/n_main/workers.log "$out/"
+    grep "| Llama" "$out/results.md" | cut -c1-150; grep "loaded in" "$out/workers.log" | cut -c1-160
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 60 \
+      --ours-device-map '{"": 0}' --out /tmp/n_dm > /dev/null 2>&1
+    cp /tmp/n_dm/workers.log "$out/device_map_workers.log"; grep "loaded in" "$out/device_map_workers.log" | cut -c1-160
+    timeout 120 python scripts/memory_peak.py --model llama32_11b_vision --seq 8192 --out /tmp/mp8 2>&1 | head -3
+    cp /tmp/mp8/memory_peak.md "$out/memory_peak_8192.md" ;;
   probe)  # ~3 minutes (builds the folder first)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
       --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
@@ -150,5 +163,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac
