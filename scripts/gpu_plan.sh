@@ -18,6 +18,7 @@
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 8192
+#   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute: GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -136,6 +137,17 @@ case "${1:-}" in
     cp /tmp/n_dm/workers.log "$out/device_map_workers.log"; grep "loaded in" "$out/device_map_workers.log" | cut -c1-160
     timeout 120 python scripts/memory_peak.py --model llama32_11b_vision --seq 8192 --out /tmp/mp8 2>&1 | head -3
     cp /tmp/mp8/memory_peak.md "$out/memory_peak_8192.md" ;;
+  lean_ab)  # ~9 minutes: the lean MLP recompute (opt-in) on CUDA graphs, then off/on for both models
+    timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py -k lean 2>&1 | tail -8 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    for m in llama32_11b_vision qwen2_5_vl_7b; do
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
+        --out /tmp/la_off_$m > /dev/null 2>&1
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
+        --ours-patches '{"mlp_lean_recompute": true}' --out /tmp/la_on_$m > /dev/null 2>&1
+      cp /tmp/la_off_$m/results.csv "$out/${m}_lean_off.csv"; cp /tmp/la_on_$m/results.csv "$out/${m}_lean_on.csv"
+      grep "| ours" /tmp/la_off_$m/results.md /tmp/la_on_$m/results.md | cut -c1-200
+    done ;;
   probe)  # ~3 minutes (builds the folder first)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
       --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
@@ -163,5 +175,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

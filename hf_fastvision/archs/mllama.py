@@ -27,6 +27,9 @@ MLLAMA = register_arch(
                  "vision_output": ("MllamaModel", project_then_forward),
                  # PatchOptions.vision_mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
                  "vision_mlp": ("VisionMLP", vision_mlp_forward),
+                 # PatchOptions.mlp_lean_recompute: layers whose MLP output only enters the residual add (not the
+                 # cross-attention layers: their MLP output is gated by a weight)
+                 "lean_mlp": ("MllamaSelfAttentionDecoderLayer",),
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream

@@ -6,6 +6,8 @@ from hf_fastvision.registry import ArchSpec, register_arch
 
 # vision attention: chunks (windows / images) of equal length in one SDPA call (see _vision_attention.py)
 _VISION_ATTENTION = ("VisionAttention", grouped_chunk_attention_forward)
+# layers whose gated MLP output only enters the residual add (PatchOptions.mlp_lean_recompute, training/lean_mlp.py)
+_LEAN_MLP = ("Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "Qwen3VLTextDecoderLayer")
 
 _COMMON = dict(
     language_model=("model.language_model",),
@@ -19,7 +21,8 @@ QWEN2_VL = register_arch(
         name="qwen2_vl",
         model_types=("qwen2_vl",),
         projectors=("model.visual.merger",),
-        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION,
+                 "lean_mlp": _LEAN_MLP},
         notes="Forward needs mm_token_type_ids with images (the processor makes it).",
         **_COMMON,
     )
@@ -29,7 +32,8 @@ QWEN2_5_VL = register_arch(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
         projectors=("model.visual.merger",),
-        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
+        patches={"rms_norm": "rms", "rope": "mrope_sectioned", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION,
+                 "lean_mlp": _LEAN_MLP},
         **_COMMON,
     )
 )
@@ -38,7 +42,8 @@ QWEN3_VL = register_arch(
         name="qwen3_vl",
         model_types=("qwen3_vl",),
         projectors=("model.visual.merger", "model.visual.deepstack_merger_list"),
-        patches={"rms_norm": "rms", "rope": "mrope_interleaved", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION},
+        patches={"rms_norm": "rms", "rope": "mrope_interleaved", "mlp": "swiglu", "vision_attention": _VISION_ATTENTION,
+                 "lean_mlp": _LEAN_MLP},
         notes="Deepstack mergers feed vision features into early text layers; kept 16-bit with the merger.",
         **_COMMON,
     )

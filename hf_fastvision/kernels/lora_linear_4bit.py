@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LoRALinear4bitFunction", "lora_linear_4bit", "lora_linear_4bit_ref", "dequantize"]
+__all__ = ["LoRALinear4bitFunction", "lora_linear_4bit", "lora_linear_4bit_grads", "lora_linear_4bit_ref", "dequantize"]
 
 
 def dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -72,19 +72,39 @@ class LoRALinear4bitFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         x2, h, a, b, weight = ctx.saved_tensors
-        s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
-        db = (dy2.t() @ h).mul_(s).to(ctx.b_dtype) if need_b else None  # [out, r]
-        dh = (dy2 @ b).mul_(s)  # [tokens, r]
-        da = (dh.t() @ x2).to(ctx.a_dtype) if need_a else None  # [r, in]
-        dx = None
-        if need_x:
-            w = dequantize(weight, ctx.quant_state)
-            dx = (dy2 @ w).addmm_(dh, a)
-            del w
+        dx, da, db = _grads(x2, h, a, b, weight, ctx.quant_state, ctx.scaling, dy, need_x, need_a, need_b,
+                            ctx.a_dtype, ctx.b_dtype)
+        if dx is not None:
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, None, None, da, db, None, None
+
+
+def _grads(x2, h, a, b, weight, quant_state, s, dy, need_x, need_a, need_b, a_dtype, b_dtype):
+    """(dx [tokens, in], d lora_a, d lora_b) of ``lora_linear_4bit`` from its saved values (compute dtype)."""
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+    db = (dy2.t() @ h).mul_(s).to(b_dtype) if need_b else None  # [out, r]
+    dh = (dy2 @ b).mul_(s)  # [tokens, r]
+    da = (dh.t() @ x2).to(a_dtype) if need_a else None  # [r, in]
+    dx = None
+    if need_x:
+        w = dequantize(weight, quant_state)
+        dx = (dy2 @ w).addmm_(dh, a)
+        del w
+    return dx, da, db
+
+
+def lora_linear_4bit_grads(x, weight, quant_state, lora_a, lora_b, scaling: float, dy):
+    """The backward of ``lora_linear_4bit(x, ...)`` for the output gradient ``dy``, without running its forward:
+    ``(dx, d lora_a, d lora_b)`` (``dx`` in ``x``'s shape and dtype; the adapter grads in the adapter's dtypes).
+    Used where the forward's output is not needed, only its gradients (the lean MLP recompute)."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = quant_state.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        dx, da, db = _grads(x2, x2 @ a.t(), a, b, weight, quant_state, float(scaling), dy, True,
+                            lora_a.requires_grad, lora_b.requires_grad, lora_a.dtype, lora_b.dtype)
+        return dx.reshape(x.shape).to(x.dtype), da, db
 
 
 def lora_linear_4bit(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):

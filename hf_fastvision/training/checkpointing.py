@@ -75,6 +75,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from hf_fastvision.training.lean_mlp import checkpoint_pass
+
 __all__ = [
     "enable_checkpointing",
     "disable_checkpointing",
@@ -372,19 +374,24 @@ def _warn_once(message: str) -> None:
     _log_once(logging.WARNING, message)
 
 
-def _run_plain(inner: Callable, kwargs: dict, _anchor: torch.Tensor, *args):
-    return inner(*args, **kwargs)
+def _run_plain(inner: Callable, kwargs: dict, calls: list[int], _anchor: torch.Tensor, *args):
+    recompute = calls[0] > 0  # torch's checkpoint calls this once in the forward, again to recompute
+    calls[0] += 1
+    with checkpoint_pass(recompute):
+        return inner(*args, **kwargs)
 
 
 def _run_offloaded(inner: Callable, box: _Box, kwargs: dict, as_kwarg: str | None, _anchor: torch.Tensor, *args):
-    if box.live is not None:  # the original forward
+    recompute = box.live is None
+    if not recompute:  # the original forward
         hidden = box.live
     else:  # recomputation during backward
         box.manager.stats["recomputes"] += 1
         hidden = box.restore()
-    if as_kwarg:
-        return inner(*args, **{as_kwarg: hidden}, **kwargs)
-    return inner(hidden, *args, **kwargs)
+    with checkpoint_pass(recompute):
+        if as_kwarg:
+            return inner(*args, **{as_kwarg: hidden}, **kwargs)
+        return inner(hidden, *args, **kwargs)
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -445,7 +452,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         hidden = None
 
     if hidden is None:  # plain mode, or nothing to offload
-        run = functools.partial(_run_plain, inner, kwargs)
+        run = functools.partial(_run_plain, inner, kwargs, [0])
         return _torch_checkpoint(run, anchor, *args, use_reentrant=False)
 
     box = _Box(hidden, manager, offload)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from hf_fastvision.training.checkpointing import _log_once
+from hf_fastvision.training.lean_mlp import checkpoint_pass
 
 __all__ = ["GraphedLayers", "host_values", "graphs_supported"]
 
@@ -444,7 +445,7 @@ class GraphedLayers:
             return out
 
         def fwd_body() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), checkpoint_pass(False):
                 return call(static_hidden, static_extras)
 
         def bwd_body() -> list[torch.Tensor | None]:
@@ -460,7 +461,7 @@ class GraphedLayers:
                 # stream and be kept alive by the caller (a `loss` still referenced), and routing gradients to
                 # it from the capture stream would sync with the default stream, which invalidates the capture.
                 aliases = [p.detach().requires_grad_(True) for p in entry.params]
-                with _swapped_params(param_slots, aliases):
+                with _swapped_params(param_slots, aliases), checkpoint_pass(True):
                     out = call(x, tensors)
                 wrt = ([x] if entry.hidden_grad else []) + leaves + aliases
                 return list(torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True))

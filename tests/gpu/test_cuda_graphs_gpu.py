@@ -38,7 +38,9 @@ def _train(model, batch, steps=5, lr=1e-2):
                                                ("idefics3", "unsloth", None), ("qwen2_5_vl", True, None),
                                                ("mllama", "unsloth", {"cuda_graphs_lazy_backward": True,
                                                                       "cross_attention_split": True}),
-                                               ("qwen2_5_vl", "unsloth", {"cuda_graphs_lazy_backward": True})])
+                                               ("qwen2_5_vl", "unsloth", {"cuda_graphs_lazy_backward": True}),
+                                               ("qwen2_5_vl", "unsloth", {"mlp_lean_recompute": True}),
+                                               ("mllama", "unsloth", {"mlp_lean_recompute": True})])
 def test_graphed_qlora_equals_eager(name, mode, patches, tiny_checkpoint):
     from hf_fastvision import FastVisionModel
     from hf_fastvision.archs.tiny import missing_dependencies, sample_batch

@@ -151,7 +151,8 @@ def test_plain_checkpointing_graphs_too_and_disable_drops_them():
 @pytest.mark.parametrize("name,ref_patches,graphed_patches",
                          [(n, None, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
                          + [("mllama", {"vision_attention_split": False}, None),
-                            ("mllama", None, {"cross_attention_split": True})])
+                            ("mllama", None, {"cross_attention_split": True})]
+                         + [(n, None, {"mlp_lean_recompute": True}) for n in ("qwen2_5_vl", "mllama", "llava")])
 def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphed_patches, tiny_checkpoint):
     """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA.
     With `ref_patches`, the eager reference runs with those flags (Mllama: the stock masked vision attention) and
@@ -183,7 +184,9 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphe
             # every checkpointed block is graphed, whichever keyword its hidden state comes by
             expected = {type(m).__name__ for m in checkpointed_layers(peft_model.get_base_model())}
             assert {type(m).__name__ for m in graphed._layers.keys()} == expected
-            if graphed_patches:  # the compact mask really reached the graphed cross-attention layers
+            if graphed_patches and graphed_patches.get("mlp_lean_recompute"):  # the lean MLP ran in the graphs
+                assert any(m.__dict__.get("_hffv_lean_out") for m in model.modules())
+            elif graphed_patches:  # the compact mask really reached the graphed cross-attention layers
                 text = next(m for m in peft_model.modules() if type(m).__name__ == "MllamaTextModel")
                 assert text.__dict__.get("_hffv_cross_split_ready") is True
             if ref_patches:  # the split really ran: its one-time mask check passed in every vision attention

@@ -6,11 +6,12 @@ from typing import Any
 
 
 def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None,
-              autocast: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+              autocast: Any = None, configure: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
     exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given)
-    and return ``(model, loss, {name: grad})``."""
+    and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on the loaded model before
+    LoRA is added."""
     import torch
 
     from hf_fastvision import FastVisionModel
@@ -19,6 +20,8 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None,
     model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=dtype or torch.bfloat16,
                                                patches=patches)
     open_zero_gates(model)
+    if configure is not None:
+        configure(model)
     torch.manual_seed(0)
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
                                            random_state=0)

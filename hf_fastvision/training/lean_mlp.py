@@ -1,0 +1,187 @@
+"""The gated MLP of a checkpointed layer, saving only its input (patch flag ``mlp_lean_recompute``, opt-in).
+
+With activation checkpointing a layer runs its forward twice: once without saving anything, and again in the
+backward ("recompute") to rebuild what its backward needs. For the gated MLP ``down(act(gate(x)) * up(x))``,
+the recompute has two costs that buy nothing:
+
+- it runs ``down``'s forward, whose output only feeds the layer's output, and the recomputed layer output's values
+  are never read: it only anchors the backward. That is one of the MLP's three big matmuls, per layer and step.
+- it keeps ``gate``, ``up`` and the activation of *every* token alive through the layer's backward: at 8192
+  tokens and Llama's width 14336, ~0.7 GiB at the step's peak, and the size of the CUDA graphs' pool.
+
+Here the MLP is one autograd op that saves only ``x``. In the checkpoint's first forward it computes its output
+in token chunks without saving anything. In the recompute it returns zeros of the output's shape instead of
+computing it. Its backward recomputes ``gate`` and ``up`` per chunk of 4096 rows, takes ``down``'s
+backward without its forward (``lora_linear_4bit_grads`` for a fused 4-bit LoRA ``down``; else autograd through
+``down``), and back-propagates through the activation and ``gate``/``up`` to ``x`` and the LoRA weights.
+
+Zeros in place of the recomputed output are exact only when nothing in the layer's backward reads the MLP
+output's value. That holds where it only enters the residual add (``residual + mlp(x)``), so the arch specs list
+those layer classes (``patches["lean_mlp"]``). Everywhere else, and outside a checkpointed layer, the MLP runs as
+before. The checkpointing code says which pass is running (`checkpoint_pass`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["checkpoint_pass", "current_pass", "lean_mlp_forward", "DEFAULT_CHUNK_TOKENS"]
+
+# Every chunk dequantizes the three 4-bit weights again (in its forward and its backward): at 1024 tokens that cost
+# (~40 us per weight and call on an H200) outweighs the saved matmul, so chunks are large; 8192 tokens make 2.
+DEFAULT_CHUNK_TOKENS = 4096
+_STATE = threading.local()  # the autograd engine recomputes in its own thread: the flag is per thread
+_OUT = "_hffv_lean_out"  # per MLP: {(x dtype, width, autocast): (out features, out dtype)} from a real forward
+
+
+@contextlib.contextmanager
+def checkpoint_pass(recompute: bool) -> Iterator[None]:
+    """Mark the layer code run inside as a checkpointed layer's first forward (False) or its recompute (True)."""
+    previous = getattr(_STATE, "recompute", None)
+    _STATE.recompute = recompute
+    try:
+        yield
+    finally:
+        _STATE.recompute = previous
+
+
+def current_pass() -> bool | None:
+    """True in a checkpointed layer's recompute, False in its first forward, None outside checkpointed layers."""
+    return getattr(_STATE, "recompute", None)
+
+
+def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], chunk: int) -> Any:
+    """The MLP's output through the lean path, or ``NotImplemented`` where the plain forward must run."""
+    recompute = current_pass()
+    if recompute is None or not x.is_floating_point():
+        return NotImplemented
+    if not torch.is_grad_enabled():  # e.g. the CUDA graph of a checkpointed layer's forward
+        return _chunked(mlp, x, op, chunk)
+    up_slots, down_slots = _trainable_slots(mlp.gate_proj, mlp.up_proj), _trainable_slots(mlp.down_proj)
+    if not (x.requires_grad or up_slots or down_slots):
+        return NotImplemented
+    out_meta = mlp.__dict__.get(_OUT, {}).get(_meta_key(x))
+    skip = bool(recompute) and out_meta is not None
+    slots = up_slots + down_slots
+    params = [module._parameters[name] for module, name in slots]
+    return _LeanMLPFunction.apply(x, mlp, op, chunk, out_meta if skip else None, (slots, len(up_slots)), *params)
+
+
+def _meta_key(x: torch.Tensor) -> tuple:
+    device = x.device.type
+    return x.dtype, x.shape[-1], torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _chunked(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], chunk: int) -> torch.Tensor:
+    """``down(op(gate(x), up(x)))`` over chunks of rows (the output of a forward whose intermediates die here)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = None
+    for start in range(0, rows.shape[0], chunk):
+        piece = rows[start : start + chunk]
+        y = mlp.down_proj(op(mlp.gate_proj(piece), mlp.up_proj(piece)))
+        if out is None:
+            out = y.new_empty(rows.shape[0], y.shape[-1])
+        out[start : start + chunk] = y
+    mlp.__dict__.setdefault(_OUT, {})[_meta_key(x)] = (out.shape[-1], out.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _trainable_slots(*projections: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of each trainable weight under ``projections``, once each."""
+    slots, seen = [], set()
+    for proj in projections:
+        for module in proj.modules():
+            for name, p in module._parameters.items():
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    slots.append((module, name))
+    return slots
+
+
+class _LeanMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mlp, op, chunk, skip_meta, layout, *params):
+        ctx.save_for_backward(x)
+        ctx.mlp, ctx.op, ctx.chunk, ctx.params = mlp, op, chunk, params
+        ctx.slots, ctx.n_up = layout
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if skip_meta is not None:  # the recompute: the output's value is never read (see the module docstring)
+            features, dtype = skip_meta
+            return x.new_zeros(*x.shape[:-1], features, dtype=dtype)
+        with torch.no_grad():
+            return _chunked(mlp, x, op, chunk)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        mlp, op, chunk, n_up = ctx.mlp, ctx.op, ctx.chunk, ctx.n_up
+        params = list(ctx.params)
+        up_params, down_params = params[:n_up], params[n_up:]
+        need_x = ctx.needs_input_grad[0]
+        rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        dx = torch.empty_like(rows) if need_x else None
+        up_grads: list[torch.Tensor | None] = [None] * len(up_params)
+        down_grads: list[torch.Tensor | None] = [None] * len(down_params)
+        enabled, dtype = ctx.autocast
+        from hf_fastvision.training.cuda_graphs import _swapped_params  # (cuda_graphs imports this module)
+
+        # the weights the forward saw (a CUDA graph's aliases of them): the same tensors get the gradients
+        with _swapped_params(ctx.slots, params), torch.enable_grad(), \
+                torch.autocast(x.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            fused = _fused_down(mlp.down_proj, down_params)
+            for start in range(0, rows.shape[0], chunk):
+                xc = rows[start : start + chunk].detach().requires_grad_(need_x)
+                act = op(mlp.gate_proj(xc), mlp.up_proj(xc), overwrite_inputs=True)
+                g = grad_rows[start : start + chunk]
+                if fused is not None:
+                    d_act, found_down = fused(act.detach(), g)
+                else:  # autograd through `down` (its forward runs: not a fused 4-bit LoRA layer)
+                    leaf = act.detach().requires_grad_(True)
+                    found = torch.autograd.grad(mlp.down_proj(leaf), [leaf, *down_params], g, allow_unused=True)
+                    d_act, found_down = found[0], found[1:]
+                wrt = ([xc] if need_x else []) + up_params
+                found_up = list(torch.autograd.grad(act, wrt, d_act, allow_unused=True)) if wrt else []
+                if need_x:
+                    dx[start : start + chunk] = found_up.pop(0)
+                up_grads = [_add(t, v) for t, v in zip(up_grads, found_up)]
+                down_grads = [_add(t, v) for t, v in zip(down_grads, found_down)]
+        return (dx.view_as(x) if need_x else None, None, None, None, None, None, *up_grads, *down_grads)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total.add_(value)
+
+
+def _fused_down(down: nn.Module, down_params: list[torch.Tensor]) -> Callable | None:
+    """``(act, grad) -> (d act, [grads of down_params])`` without ``down``'s forward, for a peft 4-bit LoRA layer
+    the fused op computes exactly (trainable: its adapter's two weights); else None (autograd through ``down``)."""
+    from hf_fastvision.patching import _lora_fusable
+
+    if not hasattr(down, "lora_A") or not hasattr(down, "get_base_layer"):
+        return None
+    probe = torch.empty(0, 1, device=down_params[0].device) if down_params else None
+    if probe is None or not _lora_fusable(down, probe):
+        return None
+    from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit_grads
+
+    name = down.active_adapters[0]
+    lora_a, lora_b = down.lora_A[name].weight, down.lora_B[name].weight
+    if [id(p) for p in down_params] != [id(lora_a), id(lora_b)]:
+        return None
+    base = down.get_base_layer()
+    scaling = down.scaling[name]
+
+    def grads(act: torch.Tensor, g: torch.Tensor):
+        d_act, da, db = lora_linear_4bit_grads(act, base.weight, base.weight.quant_state, lora_a, lora_b, scaling, g)
+        return d_act, [da, db]
+
+    return grads

@@ -1,0 +1,123 @@
+"""The lean MLP recompute (`training/lean_mlp.py`, patch flag `mlp_lean_recompute`): in checkpointed layers whose
+MLP output only enters the residual add, the gated MLP saves only its input, returns zeros in the recompute and
+recomputes gate/up per chunk in its backward. The loss and every gradient equal the plain MLP's; the path
+really runs (skipped recomputes, several chunks, the fused down-projection backward); layers outside the spec's
+list and calls outside checkpointing keep the plain MLP. The emulated CUDA-graph case is in test_cuda_graphs.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_fastvision.training.lean_mlp as lean
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs.tiny import lora_step
+
+pytest.importorskip("bitsandbytes")
+
+LEAN = {"mlp_lean_recompute": True}
+
+
+class _Spy:
+    """Counts what the lean path does: skipped recomputes, backward chunks, fused down-projection backwards."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = self.skipped = self.chunks = self.fused = 0
+        import hf_fastvision.kernels.lora_linear_4bit as k
+
+        real_apply, real_grads = lean._LeanMLPFunction.apply, k.lora_linear_4bit_grads
+        real_op = {}
+
+        def apply(x, mlp, op, chunk, skip_meta, layout, *params):
+            self.calls += 1
+            self.skipped += skip_meta is not None
+            if op not in real_op:
+                def counted(*a, _op=op, **kw):
+                    if kw.get("overwrite_inputs"):
+                        self.chunks += 1
+                    return _op(*a, **kw)
+                real_op[op] = counted
+            return real_apply(x, mlp, real_op[op], chunk, skip_meta, layout, *params)
+
+        def grads(*a, **kw):
+            self.fused += 1
+            return real_grads(*a, **kw)
+
+        monkeypatch.setattr(lean._LeanMLPFunction, "apply", apply)
+        monkeypatch.setattr(k, "lora_linear_4bit_grads", grads)
+
+
+def _chunk(size: int):
+    def configure(model) -> None:
+        for module in model.modules():
+            if "_hffv_lean_chunk" in module.__dict__:
+                module.__dict__["_hffv_lean_chunk"] = size
+    return configure
+
+
+def _assert_same(loss, grads, loss_ref, grads_ref):
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(grads_ref)
+    for n, g in grads_ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "llava", "idefics3"])
+def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoint, monkeypatch):
+    folder = str(tiny_checkpoint(name))
+    ref, loss_ref, grads_ref = lora_step(folder, name, None, dtype=torch.float32)
+    spy = _Spy(monkeypatch)
+    model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32, configure=_chunk(5))
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert n_lean > 0
+    # every lean MLP skipped its recompute once and ran its backward in several chunks of 5 rows, each with the
+    # fused down-projection backward (LoRA on a 4-bit down_proj)
+    assert spy.calls == 2 * n_lean and spy.skipped == n_lean, (spy.calls, spy.skipped, n_lean)
+    assert spy.chunks > n_lean and spy.fused == spy.chunks, (spy.chunks, spy.fused, n_lean)
+    assert [n for n in grads_ref if "mlp" in n and "lora_" in n]
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
+def test_under_bf16_autocast_too(tiny_checkpoint):
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, autocast=torch.bfloat16)
+    _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, autocast=torch.bfloat16, configure=_chunk(7))
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
+    for n, g in grads_ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=5e-2, atol=5e-3, msg=n)
+
+
+def test_only_the_listed_layers_get_it(tiny_checkpoint):
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("mllama")), load_in_4bit=True,
+                                               dtype=torch.float32, patches=LEAN)
+    lean_parents = set()
+    for name, module in model.named_modules():
+        if "_hffv_lean_chunk" in module.__dict__:
+            lean_parents.add(type(model.get_submodule(name.rpartition(".")[0])).__name__)
+    # the cross-attention layers gate their MLP output with a weight: not zero-safe in the recompute
+    assert lean_parents == {"MllamaSelfAttentionDecoderLayer"}
+    default, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("gemma3")), load_in_4bit=True, patches=LEAN)
+    assert not any("_hffv_lean_chunk" in m.__dict__ for m in default.modules())  # Gemma 3: post-MLP norm
+
+
+def test_outside_checkpointing_the_plain_mlp_runs(tiny_checkpoint, monkeypatch):
+    spy = _Spy(monkeypatch)
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+
+    def no_checkpointing(model) -> None:
+        model._hf_fastvision_checkpointing = False
+
+    _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, configure=no_checkpointing)
+    assert spy.calls == 0
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, dtype=torch.float32, configure=no_checkpointing)
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
+def test_the_pass_flag_nests_and_resets():
+    assert lean.current_pass() is None
+    with lean.checkpoint_pass(False):
+        assert lean.current_pass() is False
+        with lean.checkpoint_pass(True):
+            assert lean.current_pass() is True
+        assert lean.current_pass() is False
+    assert lean.current_pass() is None
