@@ -24,6 +24,8 @@ Exact up to kernel rounding (flash vs the masked kernel): keys masked with ``min
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any
 
 import torch
@@ -81,9 +83,11 @@ def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     batch, heads, rows, dim = q.shape
     keys = k.shape[2]
     varlen = varlen or _varlen_kernel(q.device)
-    if k.shape[1] != heads:  # grouped-query attention: one copy of each kv head per query head
+    gqa = k.shape[1] != heads and _accepts_gqa(varlen)  # the kernel shares each kv head itself: 1/4 of the k/v
+    if k.shape[1] != heads and not gqa:  # grouped-query attention: one copy of each kv head per query head
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    kv_heads = k.shape[1]
     p, kk = compact[:, 0], compact[:, 1]
     b = torch.arange(batch, device=q.device, dtype=torch.int32)
     q_ends = torch.stack([b * rows + p, (b + 1) * rows, (b + 1) * rows], dim=-1)
@@ -92,11 +96,19 @@ def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     cu_q = torch.cat([zero, q_ends.reshape(-1).to(torch.int32)])
     cu_k = torch.cat([zero, k_ends.reshape(-1).to(torch.int32)])
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, V, H, D]
-    packed_k = torch.cat([kt, kt], dim=1).reshape(2 * batch * keys, heads, dim)
-    packed_v = torch.cat([vt, vt], dim=1).reshape(2 * batch * keys, heads, dim)
+    packed_k = torch.cat([kt, kt], dim=1).reshape(2 * batch * keys, kv_heads, dim)
+    packed_v = torch.cat([vt, vt], dim=1).reshape(2 * batch * keys, kv_heads, dim)
     out = varlen(q.transpose(1, 2).reshape(batch * rows, heads, dim), packed_k, packed_v, cu_q, cu_k, rows, keys,
-                 scale=scale)
+                 scale=scale, **({"enable_gqa": True} if gqa else {}))
     return out.reshape(batch, rows, heads, dim)
+
+
+def _accepts_gqa(varlen: Any) -> bool:
+    """Whether the varlen kernel takes ``enable_gqa`` (torch's ``varlen_attn`` in newer releases, the reference)."""
+    try:
+        return "enable_gqa" in inspect.signature(varlen).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,

@@ -57,16 +57,17 @@ def vision_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int, d
     return mask, real.reshape(len(valid_tiles), -1).bool()
 
 
-def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False):
     """``varlen_attn``'s result in plain torch: query rows ``cu_q[i]:cu_q[i+1]`` attend to key rows
-    ``cu_k[i]:cu_k[i+1]``; ``[tokens, heads, dim]`` layout; a segment without keys gives 0."""
+    ``cu_k[i]:cu_k[i+1]``; ``[tokens, heads, dim]`` layout (``enable_gqa``: fewer kv heads, each shared by a group
+    of query heads); a segment without keys gives 0."""
     out = torch.zeros_like(q)
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for i in range(len(bq) - 1):
         q0, q1, k0, k1 = bq[i], bq[i + 1], bk[i], bk[i + 1]
         if q1 > q0 and k1 > k0:
             part = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
-                                                  v[k0:k1].transpose(0, 1), scale=scale)
+                                                  v[k0:k1].transpose(0, 1), scale=scale, enable_gqa=enable_gqa)
             out[q0:q1] = part.transpose(0, 1).to(out.dtype)
     return out
 

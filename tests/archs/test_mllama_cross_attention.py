@@ -52,8 +52,9 @@ def test_other_masks_are_left_alone():
     assert compact_cross_mask(torch.zeros(1, 4, 6)) is None  # not 4-D
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
-def test_split_equals_masked_sdpa_forward_and_backward(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,gqa_kernel", [(4, 4, True), (4, 2, True), (4, 2, False)])
+def test_split_equals_masked_sdpa_forward_and_backward(heads, kv_heads, gqa_kernel):
+    """With a kernel taking `enable_gqa` the kv heads are shared by the kernel, else repeated per query head."""
     torch.manual_seed(0)
     rows, tiles, dim = 9, 4, 8
     mask = _stock_mask(_one_image(rows, tiles, [3, 0], [1, 3]))
@@ -63,7 +64,18 @@ def test_split_equals_masked_sdpa_forward_and_backward(heads, kv_heads):
     rep = heads // kv_heads
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
                                          scale=0.3).transpose(1, 2)
-    got = split_cross_attention(q, k, v, compact_cross_mask(mask), 0.3, varlen=varlen_reference)
+    seen_kv_heads = []
+
+    def no_gqa(q_, k_, v_, cu_q, cu_k, max_q, max_k, *, scale=None):  # a varlen_attn without enable_gqa
+        seen_kv_heads.append(k_.shape[1])
+        return varlen_reference(q_, k_, v_, cu_q, cu_k, max_q, max_k, scale=scale)
+
+    def with_gqa(q_, k_, v_, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False):
+        seen_kv_heads.append(k_.shape[1])
+        return varlen_reference(q_, k_, v_, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=enable_gqa)
+
+    got = split_cross_attention(q, k, v, compact_cross_mask(mask), 0.3, varlen=with_gqa if gqa_kernel else no_gqa)
+    assert seen_kv_heads == [kv_heads if gqa_kernel else heads]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, [q, k, v], g)
