@@ -153,6 +153,12 @@ def text_model_forward(self: nn.Module, *args: Any, **kwargs: Any):
     """Drop-in ``forward`` for ``MllamaTextModel``: hands its layers the compact mask where the form allows."""
     from hf_fastvision.patching import original_forward
 
+    from hf_fastvision.archs._mllama_model import INJECTED_MASKS
+
+    injected = self.__dict__.get(INJECTED_MASKS)
+    if injected is not None and kwargs.get("cross_attention_mask") is None:  # prepared by the model's forward
+        kwargs["cross_attention_mask"], kwargs["full_text_row_masked_out_mask"] = injected
+        return original_forward(self)(*args, **kwargs)
     mask = kwargs.get("cross_attention_mask")
     no_cache = all(kwargs.get(k) is None for k in ("past_key_values", "cache"))  # 5.17 / 5.24 names
     if (mask is not None and self.training and no_cache and _all_layers_split(self)

@@ -11,6 +11,13 @@ hands the stock forward the projected states as ``cross_attention_states`` (its 
 the vision model") with ``pixel_values=None``; the fp32 output is freed on return from ``_project``. The values
 are the same operations on the same inputs. Outside training (and for any call shape it does not recognise) the
 stock forward runs unchanged, so inference outputs keep ``image_outputs`` where transformers returns it.
+
+Where the text cross-attention split runs (`_mllama_cross_attention`, every cross-attention layer patched, no
+cache), the stock frame would likewise keep the prepared ``[B, 1, S, V]`` mask through the text forward (0.1 GiB
+at 8192 tokens on Llama-3.2-11B-Vision) although the layers get its compact ``(p, K)`` form. Here the mask is
+prepared with transformers' own ``_prepare_cross_attention_mask``, reduced to the compact form and freed; the stock
+forward gets no mask, and the text model's patched forward is handed the compact mask and the stock
+``full_text_row_masked_out_mask`` instead. A mask without the compact form goes to the stock forward as it came.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["project_then_forward"]
+__all__ = ["project_then_forward", "INJECTED_MASKS"]
+
+INJECTED_MASKS = "_hffv_injected_cross_masks"  # on the text model, for the duration of one call
 
 
 def project_then_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -34,7 +43,16 @@ def project_then_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return forward(*args, **kwargs)  # stock, including its own errors for conflicting inputs
     kwargs["cross_attention_states"] = _project(self, kwargs.pop("pixel_values"), kwargs["aspect_ratio_ids"],
                                                 kwargs.get("aspect_ratio_mask"))
-    return forward(*args, **kwargs)
+    masks = _compact_masks(self, kwargs)
+    if masks is None:
+        return forward(*args, **kwargs)
+    kwargs["cross_attention_mask"] = None
+    text = self.language_model
+    text.__dict__[INJECTED_MASKS] = masks
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        text.__dict__.pop(INJECTED_MASKS, None)
 
 
 def _project(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
@@ -43,3 +61,21 @@ def _project(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: tor
     vision = model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
                                 aspect_ratio_mask=aspect_ratio_mask).last_hidden_state
     return model.multi_modal_projector(vision).reshape(-1, vision.shape[-2], model.hidden_size)
+
+
+def _compact_masks(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(compact mask, full_text_row_masked_out_mask)`` where the cross split will take this call, else None."""
+    from hf_fastvision.archs._mllama_cross_attention import _all_layers_split, compact_cross_mask
+
+    raw = kwargs.get("cross_attention_mask")
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if (raw is None or tokens is None or raw.shape[1] != tokens.shape[1]
+            or any(kwargs.get(k) is not None for k in ("past_key_values", "cache"))  # 5.17 / 5.24 names
+            or not _all_layers_split(model.language_model)):
+        return None
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    full, rows = _prepare_cross_attention_mask(raw, num_vision_tokens=model.vision_model.num_patches,
+                                               dtype=model.dtype)
+    compact = compact_cross_mask(full)
+    return None if compact is None else (compact, rows)

@@ -75,3 +75,48 @@ def test_conflicting_inputs_keep_the_stock_error(tiny_checkpoint):
     states = torch.zeros(2, 4, model.get_base_model().config.text_config.hidden_size)
     with pytest.raises(ValueError, match="cannot be provided simultaneously"):
         model(**batch, cross_attention_states=states)
+
+
+def test_the_prepared_cross_mask_is_freed_and_the_layers_get_the_compact_form(tiny_checkpoint, monkeypatch):
+    import transformers.models.mllama.modeling_mllama as mm
+
+    from hf_fastvision.archs._mllama_cross_attention import is_compact
+
+    real = mm._prepare_cross_attention_mask
+    prepared = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        prepared.append(weakref.ref(out[0]))
+        return out
+
+    monkeypatch.setattr(mm, "_prepare_cross_attention_mask", spy)
+    folder = str(tiny_checkpoint("mllama"))
+    batch = sample_batch(tiny_processor("mllama"), "mllama", n=2)
+    for patches, freed in ((None, True), ({"vision_states": False}, False)):
+        prepared.clear()
+        model = _lora_model(folder, patches)
+        model.train()
+        base = model.get_base_model().model
+        alive, layer_masks, handed = [], [], []
+
+        def check(module, args, kwargs) -> None:
+            gc.collect()
+            alive.append([r() is not None for r in prepared])
+            handed.append(kwargs.get("cross_attention_mask"))
+
+        cross = next(m for m in base.language_model.modules() if type(m).__name__ == "MllamaTextCrossAttention")
+        hooks = [base.language_model.register_forward_pre_hook(check, with_kwargs=True),
+                 cross.register_forward_pre_hook(
+                     lambda m, a, kw: layer_masks.append(kw.get("attention_mask")) and None, with_kwargs=True)]
+        try:
+            model(**batch).loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(alive) == 1 and len(alive[0]) == 1  # one prepared mask, by us or by the stock forward
+        if freed:  # ours is dead before the text model runs, which is handed no mask (it gets the compact one)
+            assert alive[0] == [False] and handed == [None], (alive, handed)
+        else:  # stock hands the text model the full float mask (5.17: an indexed copy of the prepared one)
+            assert handed[0].dim() == 4 and handed[0].is_floating_point()
+        assert layer_masks and all(is_compact(m) for m in layer_masks)  # both ways the layers get (p, K)
