@@ -88,11 +88,11 @@ class PatchOptions:
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
     """With activation checkpointing on CUDA, each layer's forward and recompute+backward replayed as CUDA graphs."""
-    mlp_lean_recompute: bool = False
+    mlp_lean_recompute: bool | int = False
     """In checkpointed layers whose MLP output only enters the residual add (the spec's ``lean_mlp`` classes), the
     fused gated MLP saves only its input, skips its forward in the recompute and recomputes gate/up per 4096-token
-    chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. Opt-in until
-    measured on a GPU."""
+    chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
+    tokens per chunk instead. Opt-in until measured on a GPU."""
     cuda_graphs_lazy_backward: bool = False
     """Capture each layer's backward graph at its first backward, not during the forward. Opt-in: measured worse
     (Llama-3.2-11B-Vision, H200, seq 2048: peak 9.14 vs 8.82 GiB; the backward-time capture also holds the
@@ -278,9 +278,9 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
                 continue
             module.__dict__["_hffv_act"] = act
             if opts.mlp_lean_recompute and _parent_kind(model, name) in spec.patches.get("lean_mlp", ()):
-                from hf_fastvision.training.lean_mlp import DEFAULT_CHUNK_TOKENS
+                from hf_fastvision.training.lean_mlp import chunk_tokens
 
-                module.__dict__["_hffv_lean_chunk"] = DEFAULT_CHUNK_TOKENS
+                module.__dict__["_hffv_lean_chunk"] = chunk_tokens(opts.mlp_lean_recompute)
             else:
                 module.__dict__.pop("_hffv_lean_chunk", None)
             counts["mlp"] += _bind(module, "mlp", _gated_mlp_forward)

@@ -148,6 +148,12 @@ case "${1:-}" in
       cp /tmp/la_off_$m/results.csv "$out/${m}_lean_off.csv"; cp /tmp/la_on_$m/results.csv "$out/${m}_lean_on.csv"
       grep "| ours" /tmp/la_off_$m/results.md /tmp/la_on_$m/results.md | cut -c1-200
     done ;;
+  lean_chunks)  # ~6 minutes: the lean MLP with 2048-token chunks (more dequantization, a smaller peak) at 8192
+    for m in llama32_11b_vision qwen2_5_vl_7b; do
+      python scripts/bench_qlora.py --model $m --seqs 8192 --systems ours --steps 5 --budget 120 \
+        --ours-patches '{"mlp_lean_recompute": 2048}' --out /tmp/lc_$m > /dev/null 2>&1
+      cp /tmp/lc_$m/results.csv "$out/${m}_lean_2048.csv"; grep "| ours" /tmp/lc_$m/results.md | cut -c1-200
+    done ;;
   probe)  # ~3 minutes (builds the folder first)
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 120 \
       --out /tmp/p_build > /dev/null 2>&1; grep "| Llama" /tmp/p_build/results.md | cut -c1-150
@@ -175,5 +181,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

@@ -31,13 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_pass", "current_pass", "lean_mlp_forward", "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["checkpoint_pass", "current_pass", "lean_mlp_forward", "chunk_tokens", "DEFAULT_CHUNK_TOKENS"]
 
 # Every chunk dequantizes the three 4-bit weights again (in its forward and its backward): at 1024 tokens that cost
 # (~40 us per weight and call on an H200) outweighs the saved matmul, so chunks are large; 8192 tokens make 2.
 DEFAULT_CHUNK_TOKENS = 4096
 _STATE = threading.local()  # the autograd engine recomputes in its own thread: the flag is per thread
 _OUT = "_hffv_lean_out"  # per MLP: {(x dtype, width, autocast): (out features, out dtype)} from a real forward
+
+
+def chunk_tokens(value: bool | int) -> int:
+    """Tokens per chunk for the flag's value: ``True`` -> the default, a positive int -> itself."""
+    if value is True:
+        return DEFAULT_CHUNK_TOKENS
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ValueError(f"mlp_lean_recompute takes True or a positive number of tokens per chunk, got {value!r}")
 
 
 @contextlib.contextmanager

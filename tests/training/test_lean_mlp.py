@@ -113,6 +113,17 @@ def test_outside_checkpointing_the_plain_mlp_runs(tiny_checkpoint, monkeypatch):
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
+def test_an_int_sets_the_chunk_and_bad_values_are_refused(tiny_checkpoint):
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), load_in_4bit=True,
+                                               patches={"mlp_lean_recompute": 6})
+    chunks = {m.__dict__["_hffv_lean_chunk"] for m in model.modules() if "_hffv_lean_chunk" in m.__dict__}
+    assert chunks == {6}
+    assert lean.chunk_tokens(True) == lean.DEFAULT_CHUNK_TOKENS
+    for bad in (0, -3, 2.5, "4096"):
+        with pytest.raises(ValueError, match="positive number of tokens"):
+            lean.chunk_tokens(bad)
+
+
 def test_the_pass_flag_nests_and_resets():
     assert lean.current_pass() is None
     with lean.checkpoint_pass(False):
