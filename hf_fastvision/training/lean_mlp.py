@@ -79,6 +79,8 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
     skip = bool(recompute) and out_meta is not None
     slots = up_slots + down_slots
     params = [module._parameters[name] for module, name in slots]
+    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params):
+        return NotImplemented  # sharded (FSDP) weights: the plain path, which their wrappers gather for
     return _LeanMLPFunction.apply(x, mlp, op, chunk, out_meta if skip else None, (slots, len(up_slots)), *params)
 
 
