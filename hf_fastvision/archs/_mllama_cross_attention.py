@@ -25,7 +25,6 @@ Exact up to kernel rounding (flash vs the masked kernel): keys masked with ``min
 from __future__ import annotations
 
 import inspect
-
 from typing import Any
 
 import torch
@@ -151,9 +150,8 @@ def _mask_dtype(hidden_states: torch.Tensor) -> torch.dtype:
 
 def text_model_forward(self: nn.Module, *args: Any, **kwargs: Any):
     """Drop-in ``forward`` for ``MllamaTextModel``: hands its layers the compact mask where the form allows."""
-    from hf_fastvision.patching import original_forward
-
     from hf_fastvision.archs._mllama_model import INJECTED_MASKS
+    from hf_fastvision.patching import original_forward
 
     injected = self.__dict__.get(INJECTED_MASKS)
     if injected is not None and kwargs.get("cross_attention_mask") is None:  # prepared by the model's forward
