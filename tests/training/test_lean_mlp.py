@@ -132,3 +132,31 @@ def test_the_pass_flag_nests_and_resets():
             assert lean.current_pass() is True
         assert lean.current_pass() is False
     assert lean.current_pass() is None
+
+
+def test_in_the_recompute_only_the_input_is_saved(tiny_checkpoint):
+    """What the recomputed MLP leaves for its backward: its input alone with the lean path, its intermediates too
+    without it (they are the memory the lean path frees)."""
+    saved_bytes = {}
+    for patches in (LEAN, None):
+        model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), load_in_4bit=True,
+                                                   dtype=torch.float32, patches=patches)
+        model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0, random_state=0)
+        model.train()
+        mlp = next(m for n, m in model.named_modules() if n.endswith("language_model.layers.0.mlp"))
+        x = torch.randn(1, 37, mlp.gate_proj.in_features, requires_grad=True)
+        with lean.checkpoint_pass(False):
+            mlp(x)  # the checkpoint's first forward (the lean path learns the output's shape and dtype)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lean.checkpoint_pass(True):
+            out = mlp(x)
+        out.sum().backward()
+        saved_bytes["lean" if patches else "plain"] = sum(sizes)
+    x_bytes = x.numel() * x.element_size()
+    assert saved_bytes["lean"] == x_bytes, saved_bytes
+    assert saved_bytes["plain"] > 3 * x_bytes, saved_bytes
