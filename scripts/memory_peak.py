@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
-    step_peaks = []
+    step_peaks, own_peaks, max_alloc, max_reserved = [], [], 0, 0
     for i in range(args.steps):  # bench_qlora's loop: the output lives through backward and the optimizer step
+        torch.cuda.reset_peak_memory_stats()  # each step's own peak (the capture step vs the steady steps)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             result = model(**batch)
         loss = result.loss
@@ -177,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         del result, loss
         torch.cuda.synchronize()
-        step_peaks.append(round(torch.cuda.max_memory_allocated() / 1024**3, 3))
+        own = torch.cuda.max_memory_allocated()
+        max_alloc, max_reserved = max(max_alloc, own), max(max_reserved, torch.cuda.max_memory_reserved())
+        own_peaks.append(round(own / 1024**3, 3))
+        step_peaks.append(round(max_alloc / 1024**3, 3))
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -189,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(), "model": args.model, "seq": args.seq, "patches": args.patches,
         "allocated_before_steps_gib": round(base / gib, 3), "trace_peak_gib": round(peak / gib, 3),
         "peak_gib": round((base + peak) / gib, 3),
-        "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
-        "max_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
+        "max_memory_allocated_gib": round(max_alloc / gib, 3),
+        "max_memory_reserved_gib": round(max_reserved / gib, 3),
         "events": len(events), "peak_event": at, "max_allocated_after_each_step_gib": step_peaks,
+        "peak_of_each_step_gib": own_peaks,
         "peak_stack": [f"{str(f.get('filename', '?')).split('site-packages/')[-1]}:{f.get('line', '?')}:"
                        f"{f.get('name', '?')}" for f in (events[at].get("frames", []) if at >= 0 else [])[:40]],
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
              f"before the steps (weights, adapters): {summary['allocated_before_steps_gib']} GiB; peak of the trace "
              f"+{summary['trace_peak_gib']} GiB = {summary['peak_gib']} GiB (max_memory_allocated "
              f"{summary['max_memory_allocated_gib']}, reserved {summary['max_memory_reserved_gib']}; after each step "
-             f"{step_peaks})", "",
+             f"{step_peaks}; each step's own peak {own_peaks})", "",
              "| site (innermost frame of ours / transformers / peft / bnb / optim) | GiB | blocks |", "|---|---|---|"]
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
     lines += ["", "the allocation that reached the peak (innermost first):", ""]
