@@ -129,13 +129,16 @@ case "${1:-}" in
     timeout 60 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf --steps 6 \
-      --budget 330 --out /tmp/n_main > /dev/null 2>&1
+      --budget 300 --out /tmp/n_main > /dev/null 2>&1
     cp /tmp/n_main/results.md /tmp/n_main/results.csv /tmp/n_main/workers.log "$out/"
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "loaded in" "$out/workers.log" | cut -c1-160
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 3 --budget 60 \
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 50 \
       --ours-device-map '{"": 0}' --out /tmp/n_dm > /dev/null 2>&1
     cp /tmp/n_dm/workers.log "$out/device_map_workers.log"; grep "loaded in" "$out/device_map_workers.log" | cut -c1-160
-    timeout 120 python scripts/memory_peak.py --model llama32_11b_vision --seq 8192 --out /tmp/mp8 2>&1 | head -3
+    HF_FASTVISION_EXPANDABLE_SEGMENTS=0 python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 \
+      --systems ours --steps 2 --budget 50 --out /tmp/n_ne > /dev/null 2>&1  # does the allocator set-up cost load time?
+    grep "loaded in" /tmp/n_ne/workers.log | cut -c1-160
+    timeout 100 python scripts/memory_peak.py --model llama32_11b_vision --seq 8192 --out /tmp/mp8 2>&1 | head -3
     cp /tmp/mp8/memory_peak.md "$out/memory_peak_8192.md" ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (opt-in) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py -k lean 2>&1 | tail -8 > "$out/gpu_tests.txt"
