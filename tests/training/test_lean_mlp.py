@@ -78,6 +78,28 @@ def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoin
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
+def test_plain_checkpointing_too(tiny_checkpoint, monkeypatch):
+    """`use_gradient_checkpointing=True` (torch's checkpoint, no offload box): the pass is told by call order."""
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+
+    def plain(model) -> None:
+        model._hf_fastvision_checkpointing = True
+        _chunk(5)(model)
+
+    def stock_plain(model) -> None:
+        model._hf_fastvision_checkpointing = True
+
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, dtype=torch.float32, configure=stock_plain)
+    spy = _Spy(monkeypatch)
+    model, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, configure=plain)
+    from hf_fastvision.training.checkpointing import checkpointing_mode
+
+    assert checkpointing_mode(model) == "plain"
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert spy.calls == 2 * n_lean and spy.skipped == n_lean > 0, (spy.calls, spy.skipped, n_lean)
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
 def test_under_bf16_autocast_too(tiny_checkpoint):
     folder = str(tiny_checkpoint("qwen2_5_vl"))
     _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, autocast=torch.bfloat16)
