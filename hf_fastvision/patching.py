@@ -32,6 +32,7 @@ import contextlib
 import functools
 import inspect
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -144,7 +145,9 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     op = swiglu if self._hffv_act == "silu" else geglu
     chunk = self.__dict__.get("_hffv_lean_chunk")
-    if chunk:  # `mlp_lean_recompute`, in a layer where the MLP output only enters the residual add
+    check = self.__dict__.get("_hffv_lean_check")  # (parent layer ref, predicate) where the spec makes it depend
+    if chunk and (check is None or check[1](check[0]())):  # `mlp_lean_recompute`: the MLP output only enters the
+        # residual add in this layer (`training/lean_mlp.py`)
         from hf_fastvision.training.lean_mlp import lean_mlp_forward
 
         out = lean_mlp_forward(self, x, op, chunk)
@@ -152,6 +155,16 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return out
     # gate/up are this forward's own temporaries: the backward may write their gradients over them
     return self.down_proj(op(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
+
+
+def _lean_rule(spec: ArchSpec, layer_kind: str) -> Any:
+    """The spec's ``lean_mlp`` entry for a layer class: True, a predicate of the layer instance, or None."""
+    for entry in spec.patches.get("lean_mlp", ()):
+        if isinstance(entry, tuple) and entry[0] == layer_kind:
+            return entry[1]
+        if entry == layer_kind:
+            return True
+    return None
 
 
 def _parent_kind(model: nn.Module, name: str) -> str:
@@ -277,10 +290,15 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             if act is None:
                 continue
             module.__dict__["_hffv_act"] = act
-            if opts.mlp_lean_recompute and _parent_kind(model, name) in spec.patches.get("lean_mlp", ()):
+            rule = _lean_rule(spec, _parent_kind(model, name)) if opts.mlp_lean_recompute else None
+            module.__dict__.pop("_hffv_lean_check", None)
+            if rule is not None:
                 from hf_fastvision.training.lean_mlp import chunk_tokens
 
                 module.__dict__["_hffv_lean_chunk"] = chunk_tokens(opts.mlp_lean_recompute)
+                if callable(rule):
+                    parent = model.get_submodule(name.rpartition(".")[0])
+                    module.__dict__["_hffv_lean_check"] = (weakref.ref(parent), rule)
             else:
                 module.__dict__.pop("_hffv_lean_chunk", None)
             counts["mlp"] += _bind(module, "mlp", _gated_mlp_forward)

@@ -8,6 +8,13 @@ from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, pre
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.registry import ArchSpec, register_arch
 
+def _frozen_mlp_gate(layer) -> bool:
+    """A cross-attention layer's MLP output is ``gate.tanh() * mlp(x)`` before the residual add: the recomputed value
+    is never read while the gate is frozen (LoRA), and is read for the gate's gradient when it trains."""
+    gate = getattr(layer, "cross_attn_mlp_gate", None)
+    return gate is not None and not gate.requires_grad
+
+
 MLLAMA = register_arch(
     ArchSpec(
         name="mllama",
@@ -27,9 +34,10 @@ MLLAMA = register_arch(
                  "vision_output": ("MllamaModel", project_then_forward),
                  # PatchOptions.vision_mlp: the vision MLP in the autocast dtype (bit-identical, no fp32 round trips)
                  "vision_mlp": ("VisionMLP", vision_mlp_forward),
-                 # PatchOptions.mlp_lean_recompute: layers whose MLP output only enters the residual add (not the
-                 # cross-attention layers: their MLP output is gated by a weight)
-                 "lean_mlp": ("MllamaSelfAttentionDecoderLayer",),
+                 # PatchOptions.mlp_lean_recompute: layers whose MLP output only enters the residual add; the
+                 # cross-attention layers scale it by a weight first, which is fine while that weight is frozen
+                 "lean_mlp": ("MllamaSelfAttentionDecoderLayer",
+                              ("MllamaCrossAttentionDecoderLayer", _frozen_mlp_gate)),
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream

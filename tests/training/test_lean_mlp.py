@@ -116,10 +116,29 @@ def test_only_the_listed_layers_get_it(tiny_checkpoint):
     for name, module in model.named_modules():
         if "_hffv_lean_chunk" in module.__dict__:
             lean_parents.add(type(model.get_submodule(name.rpartition(".")[0])).__name__)
-    # the cross-attention layers gate their MLP output with a weight: not zero-safe in the recompute
-    assert lean_parents == {"MllamaSelfAttentionDecoderLayer"}
+    # the cross-attention layers scale their MLP output by a weight: lean only while it is frozen (checked per call)
+    assert lean_parents == {"MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"}
     default, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("gemma3")), load_in_4bit=True, patches=LEAN)
     assert not any("_hffv_lean_chunk" in m.__dict__ for m in default.modules())  # Gemma 3: post-MLP norm
+
+
+def test_a_trained_mllama_mlp_gate_keeps_its_layer_plain(tiny_checkpoint, monkeypatch):
+    """The gate's gradient reads the MLP output's value: with the gate trainable, that layer's MLP runs plain."""
+    folder = str(tiny_checkpoint("mllama"))
+
+    def train_gates(model) -> None:
+        for m in model.modules():
+            if type(m).__name__ == "MllamaCrossAttentionDecoderLayer":
+                m.cross_attn_mlp_gate.requires_grad_(True)
+
+    _, loss_ref, grads_ref = lora_step(folder, "mllama", None, dtype=torch.float32, after_lora=train_gates)
+    spy = _Spy(monkeypatch)
+    model, loss, grads = lora_step(folder, "mllama", LEAN, dtype=torch.float32, after_lora=train_gates)
+    n_cross = sum(type(m).__name__ == "MllamaCrossAttentionDecoderLayer" for m in model.modules())
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert n_cross > 0 and spy.skipped == n_lean - n_cross > 0, (spy.skipped, n_lean, n_cross)
+    assert [n for n in grads if "cross_attn_mlp_gate" in n]
+    _assert_same(loss, grads, loss_ref, grads_ref)
 
 
 def test_outside_checkpointing_the_plain_mlp_runs(tiny_checkpoint, monkeypatch):

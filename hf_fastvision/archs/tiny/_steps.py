@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None,
-              autocast: Any = None, configure: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, autocast: Any = None,
+              configure: Any = None, after_lora: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
     exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given)
     and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on the loaded model before
-    LoRA is added."""
+    LoRA is added, ``after_lora(model)`` on the LoRA model before the step."""
     import torch
 
     from hf_fastvision import FastVisionModel
@@ -29,6 +29,8 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None,
         if "lora_B" in n:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    if after_lora is not None:
+        after_lora(model)
     model.train()
     batch = sample_batch(tiny_processor(name), name, n=2)
     if autocast is not None:
