@@ -18,8 +18,9 @@ backward without its forward (``lora_linear_4bit_grads`` for a fused 4-bit LoRA 
 Zeros in place of the recomputed output are exact only when nothing in the layer's backward reads the MLP
 output's value. That holds where it only enters the residual add (``residual + mlp(x)``), or is scaled by a frozen
 weight first, so the arch specs list those layer classes (``patches["lean_mlp"]``, with a predicate of the layer
-where it depends on which weights train: Mllama's cross-attention layers and their MLP gate). Everywhere else, and outside a checkpointed layer, the MLP runs as
-before. The checkpointing code says which pass is running (`checkpoint_pass`).
+where it depends on which weights train: Mllama's cross-attention layers and their MLP gate). Everywhere else,
+and outside a checkpointed layer, the MLP runs as before. The checkpointing code says which pass is running
+(`checkpoint_pass`).
 """
 
 from __future__ import annotations
