@@ -19,6 +19,8 @@
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 8192
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute: GPU tests, then off/on on both models at 2048+8192
+#   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
+#   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
