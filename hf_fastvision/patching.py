@@ -167,10 +167,10 @@ def _lean_rule(spec: ArchSpec, layer_kind: str) -> Any:
     return None
 
 
-def _parent_kind(model: nn.Module, name: str) -> str:
-    """The class name of the module that owns the module at ``name``."""
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    """The module that owns the module at ``name``."""
     parent = name.rpartition(".")[0]
-    return type(model.get_submodule(parent) if parent else model).__name__
+    return model.get_submodule(parent) if parent else model
 
 
 def _activation(act: nn.Module) -> str | None:
@@ -290,15 +290,15 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             if act is None:
                 continue
             module.__dict__["_hffv_act"] = act
-            rule = _lean_rule(spec, _parent_kind(model, name)) if opts.mlp_lean_recompute else None
+            layer = _parent(model, name) if opts.mlp_lean_recompute else None
+            rule = _lean_rule(spec, type(layer).__name__) if layer is not None else None
             module.__dict__.pop("_hffv_lean_check", None)
             if rule is not None:
                 from hf_fastvision.training.lean_mlp import chunk_tokens
 
                 module.__dict__["_hffv_lean_chunk"] = chunk_tokens(opts.mlp_lean_recompute)
                 if callable(rule):
-                    parent = model.get_submodule(name.rpartition(".")[0])
-                    module.__dict__["_hffv_lean_check"] = (weakref.ref(parent), rule)
+                    module.__dict__["_hffv_lean_check"] = (weakref.ref(layer), rule)
             else:
                 module.__dict__.pop("_hffv_lean_chunk", None)
             counts["mlp"] += _bind(module, "mlp", _gated_mlp_forward)

@@ -74,7 +74,10 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
         return NotImplemented
     if not torch.is_grad_enabled():  # e.g. the CUDA graph of a checkpointed layer's forward
         return _chunked(mlp, x, op, chunk)
-    up_slots, down_slots = _trainable_slots(mlp.gate_proj, mlp.up_proj), _trainable_slots(mlp.down_proj)
+    from hf_fastvision.training.cuda_graphs import _trainable_slots  # (cuda_graphs imports this module)
+
+    up_slots = _trainable_slots(mlp.gate_proj) + _trainable_slots(mlp.up_proj)
+    down_slots = _trainable_slots(mlp.down_proj)
     if not (x.requires_grad or up_slots or down_slots):
         return NotImplemented
     out_meta = mlp.__dict__.get(_OUT, {}).get(_meta_key(x))
@@ -103,18 +106,6 @@ def _chunked(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], c
         out[start : start + chunk] = y
     mlp.__dict__.setdefault(_OUT, {})[_meta_key(x)] = (out.shape[-1], out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def _trainable_slots(*projections: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, name) of each trainable weight under ``projections``, once each."""
-    slots, seen = [], set()
-    for proj in projections:
-        for module in proj.modules():
-            for name, p in module._parameters.items():
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    slots.append((module, name))
-    return slots
 
 
 class _LeanMLPFunction(torch.autograd.Function):
@@ -148,7 +139,7 @@ class _LeanMLPFunction(torch.autograd.Function):
         # the weights the forward saw (a CUDA graph's aliases of them): the same tensors get the gradients
         with _swapped_params(ctx.slots, params), torch.enable_grad(), \
                 torch.autocast(x.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            fused = _fused_down(mlp.down_proj, down_params)
+            fused = _fused_down(mlp.down_proj, down_params, x)
             for start in range(0, rows.shape[0], chunk):
                 xc = rows[start : start + chunk].detach().requires_grad_(need_x)
                 act = op(mlp.gate_proj(xc), mlp.up_proj(xc), overwrite_inputs=True)
@@ -174,15 +165,14 @@ def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
     return value if total is None else total.add_(value)
 
 
-def _fused_down(down: nn.Module, down_params: list[torch.Tensor]) -> Callable | None:
+def _fused_down(down: nn.Module, down_params: list[torch.Tensor], x: torch.Tensor) -> Callable | None:
     """``(act, grad) -> (d act, [grads of down_params])`` without ``down``'s forward, for a peft 4-bit LoRA layer
     the fused op computes exactly (trainable: its adapter's two weights); else None (autograd through ``down``)."""
     from hf_fastvision.patching import _lora_fusable
 
-    if not hasattr(down, "lora_A") or not hasattr(down, "get_base_layer"):
+    if not down_params or not hasattr(down, "lora_A") or not hasattr(down, "get_base_layer"):
         return None
-    probe = torch.empty(0, 1, device=down_params[0].device) if down_params else None
-    if probe is None or not _lora_fusable(down, probe):
+    if not _lora_fusable(down, x):  # x stands for down's input (what the check reads: a floating tensor)
         return None
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit_grads
 
