@@ -8,6 +8,7 @@ from hf_fastvision.archs._mllama_vision_encoder import lean_encoder_forward, pre
 from hf_fastvision.archs._mllama_vision_mlp import vision_mlp_forward
 from hf_fastvision.registry import ArchSpec, register_arch
 
+
 def _frozen_mlp_gate(layer) -> bool:
     """A cross-attention layer's MLP output is ``gate.tanh() * mlp(x)`` before the residual add: the recomputed value
     is never read while the gate is frozen (LoRA), and is read for the gate's gradient when it trains."""
