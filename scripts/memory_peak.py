@@ -44,9 +44,9 @@ def site_of(frames: list[dict[str, Any]]) -> str:
     return "?"
 
 
-def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, list[int]]]:
+def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, list[int]], list[dict[str, Any]]]:
     """Replay ``alloc`` / ``free_requested`` events: ``(peak bytes over the trace, index of the event that reached
-    it, {site: [bytes, blocks]} of the blocks alive at that moment)``. Blocks allocated before the trace began
+    it, {site: [bytes, blocks]} of the blocks alive at that moment, those blocks' alloc events)``. Blocks allocated before the trace began
     are not in it (the caller adds ``memory_allocated()`` at the start)."""
     live: dict[int, int] = {}
     total = peak = 0
@@ -71,7 +71,24 @@ def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, 
         g = groups[site_of(e.get("frames", []))]
         g[0] += int(e.get("size", 0))
         g[1] += 1
-    return peak, at, dict(groups)
+    return peak, at, dict(groups), list(alive.values())
+
+
+def common_stacks(alive: list[dict[str, Any]], site: str, top: int = 2) -> list[tuple[int, int, list[str]]]:
+    """The ``top`` call stacks (frames of ours / transformers / peft / torch.autograd, innermost first) that
+    allocated the live blocks of ``site``, as ``(bytes, blocks, frames)``, largest first: who made them."""
+    stacks: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0])
+    for e in alive:
+        frames = e.get("frames", [])
+        if site_of(frames) != site:
+            continue
+        key = tuple(f"{str(f.get('filename', '?')).split('site-packages/')[-1].split('/work/main/')[-1]}:"
+                    f"{f.get('line', '?')}:{f.get('name', '?')}" for f in frames
+                    if any(part in str(f.get("filename", "")) for part in (*OURS, "torch/autograd")))[:14]
+        stacks[key][0] += int(e.get("size", 0))
+        stacks[key][1] += 1
+    ranked = sorted(stacks.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(b, n, list(k)) for k, (b, n) in ranked]
 
 
 def saved_by(root: Any, ptr: int, limit: int = 200_000) -> list[str]:
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     events = [e for trace in snapshot.get("device_traces", []) for e in trace]
-    peak, at, groups = peak_composition(events)
+    peak, at, groups, alive = peak_composition(events)
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
     gib = 1024**3
     summary = {
@@ -201,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{f.get('name', '?')}" for f in (events[at].get("frames", []) if at >= 0 else [])[:40]],
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
     }
+    summary["stacks"] = {s: [{"gib": round(b / gib, 4), "blocks": n, "frames": f} for b, n, f in
+                             common_stacks(alive, s)] for s, _ in rows[:2]}
     summary["probes"] = [probe_holders(model, batch, name) for name in args.probe]
     (out / "memory_peak.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# live blocks at the peak: {args.model} seq {args.seq}, patches {args.patches or 'default'}", "",
@@ -212,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
     lines += ["", "the allocation that reached the peak (innermost first):", ""]
     lines += [f"- `{f}`" for f in summary["peak_stack"] if "/torch/nn/modules/module.py" not in f]
+    for site, ranked in summary["stacks"].items():
+        for entry in ranked:
+            lines += ["", f"who allocated {entry['blocks']} live blocks ({entry['gib']} GiB) of `{site}`:", ""]
+            lines += [f"- `{f}`" for f in entry["frames"]]
     for probe in summary["probes"]:
         lines += ["", f"probe `{probe['module']}`: {json.dumps({k: v for k, v in probe.items() if k != 'module'})}"]
     (out / "memory_peak.md").write_text("\n".join(lines) + "\n")

@@ -34,10 +34,14 @@ def test_peak_composition_finds_the_peak_and_what_is_alive_then():
         {"action": "segment_alloc", "addr": 9, "size": 10_000},      # segments are reserved, not allocated
         {"action": "free_requested", "addr": 77, "size": 5},         # a block from before the trace: ignored
     ]
-    peak, at, groups = mp.peak_composition(events)
+    peak, at, groups, alive = mp.peak_composition(events)
     assert (peak, at) == (180, 4)
     assert groups == {"hf_fastvision/kernels/lora_linear_4bit.py:52:_forward": [60, 1],
                       "transformers/models/mllama/modeling_mllama.py:190:forward": [120, 2]}
+    assert sorted(e["addr"] for e in alive) == [2, 3, 4]
+    # who allocated a site's live blocks: the frames of ours / transformers / peft / autograd, innermost first
+    (size, blocks, frames), = mp.common_stacks(alive, "hf_fastvision/kernels/lora_linear_4bit.py:52:_forward")
+    assert (size, blocks, frames) == (60, 1, ["hf_fastvision/kernels/lora_linear_4bit.py:52:_forward"])
 
 
 def test_site_falls_back_to_the_innermost_frame():

@@ -13,7 +13,7 @@ from .fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
-from .geglu import GeGLUFunction, geglu, geglu_ref
+from .geglu import GeGLUFunction, geglu, geglu_grads, geglu_ref
 from .rms_norm import RMSNormFunction, rms_norm, rms_norm_ref
 from .rope import (
     RoPEFunction,
@@ -24,7 +24,7 @@ from .rope import (
     combine_mrope_ref,
     mrope_axis_map,
 )
-from .swiglu import SwiGLUFunction, swiglu, swiglu_ref
+from .swiglu import SwiGLUFunction, swiglu, swiglu_grads, swiglu_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -46,9 +46,11 @@ __all__ = [
     # gated MLP activations
     "SwiGLUFunction",
     "swiglu",
+    "swiglu_grads",
     "swiglu_ref",
     "GeGLUFunction",
     "geglu",
+    "geglu_grads",
     "geglu_ref",
     # loss
     "FusedLinearCrossEntropyFunction",

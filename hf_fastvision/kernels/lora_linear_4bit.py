@@ -94,17 +94,18 @@ def _grads(x2, h, a, b, weight, quant_state, s, dy, need_x, need_a, need_b, a_dt
     return dx, da, db
 
 
-def lora_linear_4bit_grads(x, weight, quant_state, lora_a, lora_b, scaling: float, dy):
+def lora_linear_4bit_grads(x, weight, quant_state, lora_a, lora_b, scaling: float, dy, need_x: bool = True):
     """The backward of ``lora_linear_4bit(x, ...)`` for the output gradient ``dy``, without running its forward:
-    ``(dx, d lora_a, d lora_b)`` (``dx`` in ``x``'s shape and dtype; the adapter grads in the adapter's dtypes).
-    Used where the forward's output is not needed, only its gradients (the lean MLP recompute)."""
+    ``(dx, d lora_a, d lora_b)`` (``dx`` in ``x``'s shape and dtype, None without ``need_x``; the adapter grads in
+    the adapter's dtypes, None for a frozen one). Used where the forward's output is not needed, only its
+    gradients (the lean MLP recompute)."""
     with torch.autocast(x.device.type, enabled=False):
         dtype = quant_state.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        dx, da, db = _grads(x2, x2 @ a.t(), a, b, weight, quant_state, float(scaling), dy, True,
+        dx, da, db = _grads(x2, x2 @ a.t(), a, b, weight, quant_state, float(scaling), dy, need_x,
                             lora_a.requires_grad, lora_b.requires_grad, lora_a.dtype, lora_b.dtype)
-        return dx.reshape(x.shape).to(x.dtype), da, db
+        return (dx.reshape(x.shape).to(x.dtype) if dx is not None else None), da, db
 
 
 def lora_linear_4bit(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):

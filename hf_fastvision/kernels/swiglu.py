@@ -8,7 +8,7 @@ from ._utils import device_guarded, tl, triton, use_triton
 from ._utils import grad_buffers as _grad_buffers
 from ._utils import mark_overwritten as _mark_overwritten
 
-__all__ = ["SwiGLUFunction", "swiglu", "swiglu_ref"]
+__all__ = ["SwiGLUFunction", "swiglu", "swiglu_grads", "swiglu_ref"]
 
 _BLOCK_SIZE = 1024
 
@@ -92,3 +92,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False)
     if use_triton(gate, up):
         return SwiGLUFunction.apply(gate, up, overwrite_inputs)
     return swiglu_ref(gate, up)
+
+
+def swiglu_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                 overwrite_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d gate, d up)`` of ``swiglu(gate, up)`` for the output gradient ``dy``, without an autograd graph: the
+    backward of a caller that ran the forward itself (the lean MLP recompute, `training/lean_mlp.py`).
+
+    ``overwrite_inputs=True`` writes the gradients into ``gate`` and ``up`` where they are distinct contiguous
+    storages (the caller's own temporaries). Triton where ``swiglu`` uses it; autograd through the reference
+    otherwise."""
+    _check(gate, up)
+    if use_triton(dy, gate, up):
+        g, u, dy = gate.contiguous(), up.contiguous(), dy.contiguous()
+        dg, du = _grad_buffers(overwrite_inputs, g, u, dy)
+        n = g.numel()
+        if n:
+            device_guarded(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+        return dg, du
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+        dg, du = torch.autograd.grad(swiglu_ref(g, u), (g, u), dy)
+    return dg, du

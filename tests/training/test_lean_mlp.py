@@ -19,32 +19,37 @@ LEAN = {"mlp_lean_recompute": True}
 
 
 class _Spy:
-    """Counts what the lean path does: skipped recomputes, backward chunks, fused down-projection backwards."""
+    """Counts what the lean path does: skipped recomputes, which backward ran (graph-free or through autograd),
+    and the fused 4-bit LoRA gradient calls (per chunk: down, gate, up graph-free; down only through autograd)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls = self.skipped = self.chunks = self.fused = 0
+        self.calls = self.skipped = self.graph_free = self.autograd = self.lora_grads = 0
         import hf_fastvision.kernels.lora_linear_4bit as k
 
         real_apply, real_grads = lean._LeanMLPFunction.apply, k.lora_linear_4bit_grads
-        real_op = {}
+        real_free, real_autograd = lean._backward_fused, lean._backward_autograd
 
-        def apply(x, mlp, op, chunk, skip_meta, layout, *params):
+        def apply(*args):
             self.calls += 1
-            self.skipped += skip_meta is not None
-            if op not in real_op:
-                def counted(*a, _op=op, **kw):
-                    if kw.get("overwrite_inputs"):
-                        self.chunks += 1
-                    return _op(*a, **kw)
-                real_op[op] = counted
-            return real_apply(x, mlp, real_op[op], chunk, skip_meta, layout, *params)
+            self.skipped += args[4] is not None
+            return real_apply(*args)
 
         def grads(*a, **kw):
-            self.fused += 1
+            self.lora_grads += 1
             return real_grads(*a, **kw)
+
+        def graph_free(*a, **kw):
+            self.graph_free += 1
+            return real_free(*a, **kw)
+
+        def through_autograd(*a, **kw):
+            self.autograd += 1
+            return real_autograd(*a, **kw)
 
         monkeypatch.setattr(lean._LeanMLPFunction, "apply", apply)
         monkeypatch.setattr(k, "lora_linear_4bit_grads", grads)
+        monkeypatch.setattr(lean, "_backward_fused", graph_free)
+        monkeypatch.setattr(lean, "_backward_autograd", through_autograd)
 
 
 def _chunk(size: int):
@@ -70,12 +75,49 @@ def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoin
     model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32, configure=_chunk(5))
     n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
     assert n_lean > 0
-    # every lean MLP skipped its recompute once and ran its backward in several chunks of 5 rows, each with the
-    # fused down-projection backward (LoRA on a 4-bit down_proj)
+    # every lean MLP skipped its recompute once and ran the graph-free backward (LoRA on its three 4-bit
+    # projections) in several chunks of 5 rows: three fused gradient calls per chunk
     assert spy.calls == 2 * n_lean and spy.skipped == n_lean, (spy.calls, spy.skipped, n_lean)
-    assert spy.chunks > n_lean and spy.fused == spy.chunks, (spy.chunks, spy.fused, n_lean)
+    assert spy.graph_free == n_lean and spy.autograd == 0, (spy.graph_free, spy.autograd, n_lean)
+    assert spy.lora_grads % 3 == 0 and spy.lora_grads // 3 > n_lean, (spy.lora_grads, n_lean)
     assert [n for n in grads_ref if "mlp" in n and "lora_" in n]
     _assert_same(loss, grads, loss_ref, grads_ref)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
+def test_the_autograd_backward_equals_it_too(name, tiny_checkpoint, monkeypatch):
+    """An activation op without a graph-free backward: autograd per chunk, `down`'s backward still fused."""
+    folder = str(tiny_checkpoint(name))
+    _, loss_ref, grads_ref = lora_step(folder, name, None, dtype=torch.float32)
+    monkeypatch.setattr(lean, "_act_grads", lambda op: None)
+    spy = _Spy(monkeypatch)
+    model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32, configure=_chunk(6))
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert spy.autograd == n_lean > 0 and spy.graph_free == 0, (spy.autograd, spy.graph_free, n_lean)
+    assert spy.lora_grads > n_lean  # down's fused backward, once per chunk
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
+def test_a_cuda_graph_capture_takes_only_the_graph_free_backward(tiny_checkpoint, monkeypatch):
+    """While a CUDA graph captures, a lean MLP whose backward would need autograd runs plain instead (captured
+    nested autograd kept an activation per layer allocated on the GPU); one with the graph-free backward stays."""
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+    model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32, patches=LEAN)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0, random_state=0)
+    model.train()
+    mlp = next(m for n, m in model.named_modules() if n.endswith("language_model.layers.0.mlp"))
+    x = torch.randn(1, 9, mlp.gate_proj.in_features, requires_grad=True)
+    with lean.checkpoint_pass(False):
+        mlp(x)
+    monkeypatch.setattr(lean, "_capturing", lambda t: True)
+    spy = _Spy(monkeypatch)
+    with lean.checkpoint_pass(True):
+        mlp(x)
+    assert spy.calls == 1
+    monkeypatch.setattr(lean, "_act_grads", lambda op: None)
+    with lean.checkpoint_pass(True):
+        out = mlp(x)
+    assert spy.calls == 1 and out.abs().sum() > 0  # the plain MLP: its real output
 
 
 def test_plain_checkpointing_too(tiny_checkpoint, monkeypatch):
