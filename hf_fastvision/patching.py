@@ -16,7 +16,7 @@ path) are left as they are.
 - `cross_attention_split`: Mllama's text cross-attention as a flash varlen call over the keys each row can see,
   where the mask has the one-image form (`archs/_mllama_cross_attention.py`); any other form runs stock.
 - `vision_attention_split`: Mllama's vision attention as an exact maskless split (one flash varlen call).
-- `mlp_lean_recompute` (opt-in): in checkpointed layers the spec lists (``patches["lean_mlp"]``), the gated MLP
+- `mlp_lean_recompute`: in checkpointed layers the spec lists (``patches["lean_mlp"]``), the gated MLP
   saves only its input, skips its forward in the recompute and recomputes gate/up in token chunks in its backward
   (`training/lean_mlp.py`).
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
@@ -89,11 +89,12 @@ class PatchOptions:
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
     """With activation checkpointing on CUDA, each layer's forward and recompute+backward replayed as CUDA graphs."""
-    mlp_lean_recompute: bool | int = False
+    mlp_lean_recompute: bool | int = True
     """In checkpointed layers whose MLP output only enters the residual add (the spec's ``lean_mlp`` classes), the
     fused gated MLP saves only its input, skips its forward in the recompute and recomputes gate/up per 4096-token
     chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
-    tokens per chunk instead. Opt-in until measured on a GPU."""
+    tokens per chunk instead. Measured (H200, seq 2048/8192): Qwen2.5-VL-7B 0.289 -> 0.265 s and 0.872 -> 0.838 s
+    per step, Llama-3.2-11B-Vision 0.597 -> 0.579 s and 1.405 -> 1.364 s, peaks equal or lower."""
     cuda_graphs_lazy_backward: bool = False
     """Capture each layer's backward graph at its first backward, not during the forward. Opt-in: measured worse
     (Llama-3.2-11B-Vision, H200, seq 2048: peak 9.14 vs 8.82 GiB; the backward-time capture also holds the

@@ -18,7 +18,7 @@
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 8192
-#   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute: GPU tests, then off/on on both models at 2048+8192
+#   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
@@ -142,14 +142,14 @@ case "${1:-}" in
     grep "loaded in" /tmp/n_ne/workers.log | cut -c1-160
     timeout 100 python scripts/memory_peak.py --model llama32_11b_vision --seq 8192 --out /tmp/mp8 2>&1 | head -3
     cp /tmp/mp8/memory_peak.md "$out/memory_peak_8192.md" ;;
-  lean_ab)  # ~9 minutes: the lean MLP recompute (opt-in) on CUDA graphs, then off/on for both models
-    timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py -k lean 2>&1 | tail -8 > "$out/gpu_tests.txt"
+  lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
+    timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
     for m in llama32_11b_vision qwen2_5_vl_7b; do
       python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
-        --out /tmp/la_off_$m > /dev/null 2>&1
+        --ours-patches '{"mlp_lean_recompute": false}' --out /tmp/la_off_$m > /dev/null 2>&1
       python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
-        --ours-patches '{"mlp_lean_recompute": true}' --out /tmp/la_on_$m > /dev/null 2>&1
+        --out /tmp/la_on_$m > /dev/null 2>&1
       cp /tmp/la_off_$m/results.csv "$out/${m}_lean_off.csv"; cp /tmp/la_on_$m/results.csv "$out/${m}_lean_on.csv"
       grep "| ours" /tmp/la_off_$m/results.md /tmp/la_on_$m/results.md | cut -c1-200
     done ;;

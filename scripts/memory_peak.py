@@ -46,8 +46,8 @@ def site_of(frames: list[dict[str, Any]]) -> str:
 
 def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, list[int]], list[dict[str, Any]]]:
     """Replay ``alloc`` / ``free_requested`` events: ``(peak bytes over the trace, index of the event that reached
-    it, {site: [bytes, blocks]} of the blocks alive at that moment, those blocks' alloc events)``. Blocks allocated before the trace began
-    are not in it (the caller adds ``memory_allocated()`` at the start)."""
+    it, {site: [bytes, blocks]} of the blocks alive at that moment, those blocks' alloc events)``. Blocks allocated
+    before the trace began are not in it (the caller adds ``memory_allocated()`` at the start)."""
     live: dict[int, int] = {}
     total = peak = 0
     at = -1

@@ -59,6 +59,21 @@ def grad_buffers(overwrite: bool, g: torch.Tensor, u: torch.Tensor, dy: torch.Te
     return torch.empty_like(g), torch.empty_like(u)
 
 
+def gated_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, overwrite: bool, launch, ref):
+    """``(d gate, d up)`` of a gated activation without an autograd graph: ``launch(dy, g, u, dg, du)`` (its
+    Triton backward kernel) where Triton runs, else autograd through ``ref(gate, up)``; with ``overwrite`` the
+    gradients go over ``gate`` and ``up`` where `grad_buffers` allows it."""
+    if use_triton(dy, gate, up):
+        g, u, dy = gate.contiguous(), up.contiguous(), dy.contiguous()
+        dg, du = grad_buffers(overwrite, g, u, dy)
+        launch(dy, g, u, dg, du)
+        return dg, du
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+        dg, du = torch.autograd.grad(ref(g, u), (g, u), dy)
+    return dg, du
+
+
 def mark_overwritten(*tensors: torch.Tensor) -> None:
     """Bump the version counters of tensors a kernel wrote through raw pointers (autograd cannot see it), so any
     other autograd node that saved them fails loudly when it unpacks them instead of reading gradients."""

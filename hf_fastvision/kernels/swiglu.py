@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._utils import device_guarded, tl, triton, use_triton
+from ._utils import gated_grads as _gated_grads
 from ._utils import grad_buffers as _grad_buffers
 from ._utils import mark_overwritten as _mark_overwritten
 
@@ -45,6 +46,12 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_elements, BLOCK_SIZE: tl.constexpr):
     tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
 
 
+def _backward_kernel(dy, g, u, dg, du) -> None:
+    n = g.numel()
+    if n:
+        device_guarded(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+
+
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
@@ -76,9 +83,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dg, du = _grad_buffers(ctx.overwrite, g, u, dy)
         if dg is g:
             ctx.overwrite = "done"
-        n = g.numel()
-        if n:
-            device_guarded(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
+        _backward_kernel(dy, g, u, dg, du)
         if dg is g:
             _mark_overwritten(g, u)
         return dg, du, None
@@ -103,14 +108,4 @@ def swiglu_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     storages (the caller's own temporaries). Triton where ``swiglu`` uses it; autograd through the reference
     otherwise."""
     _check(gate, up)
-    if use_triton(dy, gate, up):
-        g, u, dy = gate.contiguous(), up.contiguous(), dy.contiguous()
-        dg, du = _grad_buffers(overwrite_inputs, g, u, dy)
-        n = g.numel()
-        if n:
-            device_guarded(_swiglu_bwd_kernel)[(triton.cdiv(n, _BLOCK_SIZE),)](dy, g, u, dg, du, n, BLOCK_SIZE=_BLOCK_SIZE)
-        return dg, du
-    with torch.enable_grad():
-        g, u = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
-        dg, du = torch.autograd.grad(swiglu_ref(g, u), (g, u), dy)
-    return dg, du
+    return _gated_grads(dy, gate, up, overwrite_inputs, _backward_kernel, swiglu_ref)

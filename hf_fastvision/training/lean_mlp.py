@@ -1,4 +1,4 @@
-"""The gated MLP of a checkpointed layer, saving only its input (patch flag ``mlp_lean_recompute``, opt-in).
+"""The gated MLP of a checkpointed layer, saving only its input (patch flag ``mlp_lean_recompute``, on by default).
 
 With activation checkpointing a layer runs its forward twice: once without saving anything, and again in the
 backward ("recompute") to rebuild what its backward needs. For the gated MLP ``down(act(gate(x)) * up(x))``,
@@ -11,9 +11,13 @@ the recompute has two costs that buy nothing:
 
 Here the MLP is one autograd op that saves only ``x``. In the checkpoint's first forward it computes its output
 in token chunks without saving anything. In the recompute it returns zeros of the output's shape instead of
-computing it. Its backward recomputes ``gate`` and ``up`` per chunk of 4096 rows, takes ``down``'s
-backward without its forward (``lora_linear_4bit_grads`` for a fused 4-bit LoRA ``down``; else autograd through
-``down``), and back-propagates through the activation and ``gate``/``up`` to ``x`` and the LoRA weights.
+computing it. Its backward recomputes ``gate`` and ``up`` per chunk of 4096 rows and, where all three
+projections are fused 4-bit LoRA layers (the QLoRA case), takes every gradient without an autograd graph:
+``lora_linear_4bit_grads`` for ``down``, ``gate`` and ``up`` (``down``'s forward never runs) and ``swiglu_grads``
+/ ``geglu_grads`` for the activation. Otherwise it goes through autograd per chunk (``down`` still fused where it
+can be). That path is kept out of CUDA graph captures: nested autograd inside a captured backward left one
+activation per layer allocated on an H200 (+2.2 GiB on Qwen2.5-VL-7B at 2048 tokens), so while a graph captures,
+such a layer runs the plain MLP.
 
 Zeros in place of the recomputed output are exact only when nothing in the layer's backward reads the MLP
 output's value. That holds where it only enters the residual add (``residual + mlp(x)``), or is scaled by a frozen
@@ -84,8 +88,9 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
     skip = bool(recompute) and out_meta is not None
     slots = up_slots + down_slots
     params = [module._parameters[name] for module, name in slots]
-    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params):
-        return NotImplemented  # sharded (FSDP) weights: the plain path, which their wrappers gather for
+    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params) or any(
+            type(m).__name__ == "FullyShardedDataParallel" for m in mlp.modules()):
+        return NotImplemented  # sharded (FSDP) weights: the plain path, whose wrappers' hooks gather them
     if _capturing(x) and (_act_grads(op) is None or _fused_parts(mlp, params, x) is None):
         # a CUDA graph's recompute + backward: only the graph-free backward. Through nested autograd a backward
         # captured in a graph kept one activation per layer allocated (+2.2 GiB on Qwen2.5-VL-7B at 2048)

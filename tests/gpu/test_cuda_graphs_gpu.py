@@ -48,10 +48,13 @@ def test_graphed_qlora_equals_eager(name, mode, patches, tiny_checkpoint):
 
     if missing := missing_dependencies(name):
         pytest.skip(f"needs {missing}")
+    # the eager reference: the defaults, and the plain MLP where the graphed run asks for the lean one
+    reference = {"mlp_lean_recompute": False} if patches and patches.get("mlp_lean_recompute") else None
     runs = []
     for graphs in (False, True):
-        model, processor = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)), max_seq_length=256,
-                                                           dtype=torch.bfloat16, patches=patches if graphs else None)
+        model, processor = FastVisionModel.from_pretrained(
+            str(tiny_checkpoint(name)), max_seq_length=256, dtype=torch.bfloat16,
+            patches=patches if graphs else reference)
         peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
         with torch.no_grad():
             for pname, param in peft_model.named_parameters():

@@ -63,3 +63,28 @@ def test_another_saver_of_gate_fails_loudly_instead_of_reading_gradients(device,
     y = OPS[name](gate, up, overwrite_inputs=True)  # autograd runs the activation's backward before it
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (y.sum() + other.sum()).backward()
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 37), (2, 5, 1031)])
+def test_graph_free_grads_equal_the_autograd_backward(device, name, dtype, shape):
+    """`swiglu_grads` / `geglu_grads` (the lean MLP's activation backward, no graph) = the op's own backward,
+    allocating or written over gate/up."""
+    from hf_fastvision import kernels
+    from hf_fastvision.tolerances import assert_close
+
+    op, grads = OPS[name], getattr(kernels, f"{name}_grads")
+    gate = (torch.randn(shape, device=device) * 3).to(dtype)
+    up = torch.randn(shape, device=device).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    expected = torch.autograd.grad(op(g, u), (g, u), dy)
+    for overwrite in (False, True):
+        g2, u2 = gate.clone(), up.clone()
+        dg, du = grads(dy, g2, u2, overwrite_inputs=overwrite)
+        assert dg.dtype == dtype and dg.shape == gate.shape
+        assert_close(dg, expected[0], dtype=dtype)
+        assert_close(du, expected[1], dtype=dtype)
+        if device.type == "cuda":  # the Triton path: the overwrite really wrote into the caller's gate
+            assert (dg.data_ptr() == g2.data_ptr()) == overwrite

@@ -53,3 +53,28 @@ def test_frozen_input_gets_no_grad_and_trainable_bias_is_refused(device):
     assert a.grad is not None and b.grad is not None
     with pytest.raises(ValueError, match="frozen"):
         lora_linear_4bit(x, packed, state, a, b, 1.0, torch.zeros(16, device=device, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_x", [True, False])
+def test_grads_without_the_forward_equal_autograds(dtype, need_x, device):
+    """`lora_linear_4bit_grads` (the lean MLP's backward: no forward, no graph) = the op's autograd backward;
+    without ``need_x`` no input gradient, and a frozen adapter weight gets none."""
+    from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit_grads
+
+    packed, state = _quantized(40, 128, dtype, device, nested=dtype != torch.float32)
+    x = torch.randn(3, 7, 128, device=device, dtype=dtype, requires_grad=True)
+    a = (torch.randn(8, 128, device=device) * 0.1).requires_grad_()
+    b = (torch.randn(40, 8, device=device) * 0.1).requires_grad_(need_x)  # frozen lora_b in the second case
+    dy = torch.randn(3, 7, 40, device=device, dtype=dtype)
+    y = lora_linear_4bit(x, packed, state, a, b, 2.0)
+    wrt = [x, a] + ([b] if b.requires_grad else [])
+    expected = torch.autograd.grad(y, wrt, dy)
+    dx, da, db = lora_linear_4bit_grads(x.detach(), packed, state, a, b, 2.0, dy, need_x=need_x)
+    assert (dx is None) == (not need_x) and (db is None) == (not b.requires_grad)
+    if need_x:
+        assert dx.dtype == dtype and dx.shape == x.shape
+        assert_close(dx, expected[0], dtype=dtype)
+    assert_close(da, expected[1], dtype=dtype)
+    if db is not None:
+        assert_close(db, expected[2], dtype=dtype)

@@ -16,6 +16,7 @@ from hf_fastvision.archs.tiny import lora_step
 pytest.importorskip("bitsandbytes")
 
 LEAN = {"mlp_lean_recompute": True}
+PLAIN = {"mlp_lean_recompute": False}  # the reference: the plain fused MLP (the lean one is the default)
 
 
 class _Spy:
@@ -70,7 +71,7 @@ def _assert_same(loss, grads, loss_ref, grads_ref):
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "llava", "idefics3"])
 def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoint, monkeypatch):
     folder = str(tiny_checkpoint(name))
-    ref, loss_ref, grads_ref = lora_step(folder, name, None, dtype=torch.float32)
+    ref, loss_ref, grads_ref = lora_step(folder, name, PLAIN, dtype=torch.float32)
     spy = _Spy(monkeypatch)
     model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32, configure=_chunk(5))
     n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
@@ -88,7 +89,7 @@ def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoin
 def test_the_autograd_backward_equals_it_too(name, tiny_checkpoint, monkeypatch):
     """An activation op without a graph-free backward: autograd per chunk, `down`'s backward still fused."""
     folder = str(tiny_checkpoint(name))
-    _, loss_ref, grads_ref = lora_step(folder, name, None, dtype=torch.float32)
+    _, loss_ref, grads_ref = lora_step(folder, name, PLAIN, dtype=torch.float32)
     monkeypatch.setattr(lean, "_act_grads", lambda op: None)
     spy = _Spy(monkeypatch)
     model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32, configure=_chunk(6))
@@ -131,7 +132,7 @@ def test_plain_checkpointing_too(tiny_checkpoint, monkeypatch):
     def stock_plain(model) -> None:
         model._hf_fastvision_checkpointing = True
 
-    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, dtype=torch.float32, configure=stock_plain)
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, dtype=torch.float32, configure=stock_plain)
     spy = _Spy(monkeypatch)
     model, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, configure=plain)
     from hf_fastvision.training.checkpointing import checkpointing_mode
@@ -144,7 +145,7 @@ def test_plain_checkpointing_too(tiny_checkpoint, monkeypatch):
 
 def test_under_bf16_autocast_too(tiny_checkpoint):
     folder = str(tiny_checkpoint("qwen2_5_vl"))
-    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, autocast=torch.bfloat16)
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, autocast=torch.bfloat16)
     _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, autocast=torch.bfloat16, configure=_chunk(7))
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=2e-2)
     for n, g in grads_ref.items():
@@ -173,7 +174,7 @@ def test_a_trained_mllama_mlp_gate_keeps_its_layer_plain(tiny_checkpoint, monkey
             if type(m).__name__ == "MllamaCrossAttentionDecoderLayer":
                 m.cross_attn_mlp_gate.requires_grad_(True)
 
-    _, loss_ref, grads_ref = lora_step(folder, "mllama", None, dtype=torch.float32, after_lora=train_gates)
+    _, loss_ref, grads_ref = lora_step(folder, "mllama", PLAIN, dtype=torch.float32, after_lora=train_gates)
     spy = _Spy(monkeypatch)
     model, loss, grads = lora_step(folder, "mllama", LEAN, dtype=torch.float32, after_lora=train_gates)
     n_cross = sum(type(m).__name__ == "MllamaCrossAttentionDecoderLayer" for m in model.modules())
@@ -192,7 +193,7 @@ def test_outside_checkpointing_the_plain_mlp_runs(tiny_checkpoint, monkeypatch):
 
     _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, configure=no_checkpointing)
     assert spy.calls == 0
-    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", None, dtype=torch.float32, configure=no_checkpointing)
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, dtype=torch.float32, configure=no_checkpointing)
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
@@ -221,7 +222,7 @@ def test_in_the_recompute_only_the_input_is_saved(tiny_checkpoint):
     """What the recomputed MLP leaves for its backward: its input alone with the lean path, its intermediates too
     without it (they are the memory the lean path frees)."""
     saved_bytes = {}
-    for patches in (LEAN, None):
+    for patches in (LEAN, PLAIN):
         model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), load_in_4bit=True,
                                                    dtype=torch.float32, patches=patches)
         model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0, random_state=0)
@@ -239,7 +240,7 @@ def test_in_the_recompute_only_the_input_is_saved(tiny_checkpoint):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lean.checkpoint_pass(True):
             out = mlp(x)
         out.sum().backward()
-        saved_bytes["lean" if patches else "plain"] = sum(sizes)
+        saved_bytes["lean" if patches is LEAN else "plain"] = sum(sizes)
     x_bytes = x.numel() * x.element_size()
     assert saved_bytes["lean"] == x_bytes, saved_bytes
     assert saved_bytes["plain"] > 3 * x_bytes, saved_bytes
