@@ -68,7 +68,7 @@ def _assert_same(loss, grads, loss_ref, grads_ref):
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "llava", "idefics3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "mllama", "llava", "mistral3", "idefics3"])
 def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoint, monkeypatch):
     folder = str(tiny_checkpoint(name))
     ref, loss_ref, grads_ref = lora_step(folder, name, PLAIN, dtype=torch.float32)
