@@ -88,14 +88,25 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
     skip = bool(recompute) and out_meta is not None
     slots = up_slots + down_slots
     params = [module._parameters[name] for module, name in slots]
-    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params) or any(
-            type(m).__name__ == "FullyShardedDataParallel" for m in mlp.modules()):
-        return NotImplemented  # sharded (FSDP) weights: the plain path, whose wrappers' hooks gather them
+    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params) or _plain_only(mlp):
+        return NotImplemented
     if _capturing(x) and (_act_grads(op) is None or _fused_parts(mlp, params, x) is None):
         # a CUDA graph's recompute + backward: only the graph-free backward. Through nested autograd a backward
         # captured in a graph kept one activation per layer allocated (+2.2 GiB on Qwen2.5-VL-7B at 2048)
         return NotImplemented
     return _LeanMLPFunction.apply(x, mlp, op, chunk, out_meta if skip else None, (slots, len(up_slots)), *params)
+
+
+def _plain_only(mlp: nn.Module) -> bool:
+    """MLPs the lean path must leave alone: FSDP-wrapped parts (the wrappers' hooks gather the weights), and active
+    dropout (e.g. peft's ``lora_dropout``): the backward's recompute of gate/up would draw new masks, while the
+    checkpoint's recompute replays the forward's random state."""
+    for m in mlp.modules():
+        if type(m).__name__ == "FullyShardedDataParallel":
+            return True
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+    return False
 
 
 def _capturing(x: torch.Tensor) -> bool:

@@ -184,6 +184,25 @@ def test_a_trained_mllama_mlp_gate_keeps_its_layer_plain(tiny_checkpoint, monkey
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
+def test_lora_dropout_keeps_the_plain_mlp(tiny_checkpoint, monkeypatch):
+    """With an active dropout in the MLP (peft's ``lora_dropout``) the backward could not redraw the forward's
+    masks: those MLPs run plain, the same step as with the flag off."""
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+
+    def dropout(model) -> None:
+        for module in model.modules():
+            if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+                module.lora_dropout["default"] = torch.nn.Dropout(0.2)
+
+    torch.manual_seed(1)
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, dtype=torch.float32, after_lora=dropout)
+    spy = _Spy(monkeypatch)
+    torch.manual_seed(1)
+    _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, after_lora=dropout)
+    assert spy.calls == 0
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
 def test_outside_checkpointing_the_plain_mlp_runs(tiny_checkpoint, monkeypatch):
     spy = _Spy(monkeypatch)
     folder = str(tiny_checkpoint("qwen2_5_vl"))
