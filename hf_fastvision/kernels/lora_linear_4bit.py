@@ -98,9 +98,14 @@ def lora_linear_4bit_grads(x, weight, quant_state, lora_a, lora_b, scaling: floa
     """The backward of ``lora_linear_4bit(x, ...)`` for the output gradient ``dy``, without running its forward:
     ``(dx, d lora_a, d lora_b)`` (``dx`` in ``x``'s shape and dtype, None without ``need_x``; the adapter grads in
     the adapter's dtypes, None for a frozen one). Used where the forward's output is not needed, only its
-    gradients (the lean MLP recompute)."""
+    gradients (the lean MLP recompute). ``lora_a = lora_b = None``: a frozen 4-bit linear without an adapter."""
     with torch.autocast(x.device.type, enabled=False):
         dtype = quant_state.dtype
+        if lora_a is None:
+            if not need_x:
+                return None, None, None
+            dx = dy.reshape(-1, dy.shape[-1]).to(dtype) @ dequantize(weight, quant_state)
+            return dx.reshape(x.shape).to(x.dtype), None, None
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         dx, da, db = _grads(x2, x2 @ a.t(), a, b, weight, quant_state, float(scaling), dy, need_x,

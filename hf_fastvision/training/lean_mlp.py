@@ -227,7 +227,7 @@ def _backward_autograd(mlp, op, params, n_up, x, grad_out, chunk, need_x):
 def _accumulate(total: dict[int, torch.Tensor], part: tuple, found: list[torch.Tensor | None]) -> None:
     """Add a projection's (d lora_a, d lora_b) to the totals by parameter."""
     for param, grad in zip(part[2:4], found):
-        if grad is not None:
+        if grad is not None and param is not None:
             total[id(param)] = grad if id(param) not in total else total[id(param)].add_(grad)
 
 
@@ -240,10 +240,16 @@ def _act_grads(op: Callable) -> Callable | None:
 
 def _lora_parts(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, quant_state, lora_a, lora_b, scaling)`` of a peft 4-bit LoRA layer the fused op computes
-    exactly (`patching._lora_fusable`), else None."""
+    exactly (`patching._lora_fusable`), ``(weight, quant_state, None, None, 0.0)`` of a bitsandbytes 4-bit linear
+    without an adapter, else None."""
     from hf_fastvision.patching import _lora_fusable
 
-    if not hasattr(module, "lora_A") or not hasattr(module, "get_base_layer") or not _lora_fusable(module, x):
+    if not hasattr(module, "lora_A"):
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or type(module).__name__ != "Linear4bit" or module.weight.requires_grad:
+            return None
+        return module.weight, state, None, None, 0.0
+    if not hasattr(module, "get_base_layer") or not _lora_fusable(module, x):
         return None
     name = module.active_adapters[0]
     base = module.get_base_layer()
@@ -257,7 +263,7 @@ def _fused_parts(mlp: nn.Module, params: list[torch.Tensor], x: torch.Tensor) ->
     parts = tuple(_lora_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     if any(p is None for p in parts):
         return None
-    adapters = {id(w) for part in parts for w in part[2:4]}
+    adapters = {id(w) for part in parts for w in part[2:4] if w is not None}
     return parts if all(id(p) in adapters for p in params) else None
 
 

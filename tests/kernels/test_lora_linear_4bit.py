@@ -78,3 +78,17 @@ def test_grads_without_the_forward_equal_autograds(dtype, need_x, device):
     assert_close(da, expected[1], dtype=dtype)
     if db is not None:
         assert_close(db, expected[2], dtype=dtype)
+
+
+def test_grads_of_a_frozen_linear_without_adapter(device):
+    """``lora_a = lora_b = None``: a plain frozen 4-bit linear, only the input gradient (or nothing)."""
+    from hf_fastvision.kernels.lora_linear_4bit import dequantize, lora_linear_4bit_grads
+
+    packed, state = _quantized(24, 64, torch.float32, device, nested=False)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    dy = torch.randn(5, 24, device=device)
+    (expected,) = torch.autograd.grad(x @ dequantize(packed, state).t(), [x], dy)
+    dx, da, db = lora_linear_4bit_grads(x.detach(), packed, state, None, None, 0.0, dy)
+    assert da is None and db is None
+    assert_close(dx, expected, dtype=torch.float32)
+    assert lora_linear_4bit_grads(x.detach(), packed, state, None, None, 0.0, dy, need_x=False) == (None, None, None)

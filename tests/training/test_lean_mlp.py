@@ -184,6 +184,20 @@ def test_a_trained_mllama_mlp_gate_keeps_its_layer_plain(tiny_checkpoint, monkey
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
+def test_mlps_without_adapters_take_the_graph_free_backward_too(tiny_checkpoint, monkeypatch):
+    """LoRA on attention only: the MLP's frozen 4-bit projections give only input gradients, still graph-free."""
+    folder = str(tiny_checkpoint("qwen2_5_vl"))
+    attention_only = {"finetune_mlp_modules": False}
+    _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, dtype=torch.float32, lora=attention_only)
+    spy = _Spy(monkeypatch)
+    model, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, lora=attention_only,
+                                   configure=_chunk(5))
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert not [n for n in grads if "mlp" in n]
+    assert spy.graph_free == n_lean > 0 and spy.autograd == 0, (spy.graph_free, spy.autograd, n_lean)
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
 def test_lora_dropout_keeps_the_plain_mlp(tiny_checkpoint, monkeypatch):
     """With an active dropout in the MLP (peft's ``lora_dropout``) the backward could not redraw the forward's
     masks: those MLPs run plain, the same step as with the flag off."""

@@ -6,12 +6,14 @@ from typing import Any
 
 
 def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, autocast: Any = None,
-              configure: Any = None, after_lora: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+              configure: Any = None, after_lora: Any = None,
+              lora: dict | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
     exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given)
     and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on the loaded model before
-    LoRA is added, ``after_lora(model)`` on the LoRA model before the step."""
+    LoRA is added, ``after_lora(model)`` on the LoRA model before the step; ``lora`` adds `get_peft_model`
+    arguments (e.g. ``finetune_mlp_modules=False``)."""
     import torch
 
     from hf_fastvision import FastVisionModel
@@ -23,8 +25,8 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, au
     if configure is not None:
         configure(model)
     torch.manual_seed(0)
-    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0.0, finetune_vision_layers=True,
-                                           random_state=0)
+    model = FastVisionModel.get_peft_model(model, **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                                                     "finetune_vision_layers": True, "random_state": 0, **(lora or {})})
     for n, p in model.named_parameters():
         if "lora_B" in n:
             with torch.no_grad():
