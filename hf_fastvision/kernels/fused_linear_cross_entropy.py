@@ -9,7 +9,8 @@ forward pass (as Liger-Kernel does). ``backward`` only scales the stored gradien
 
 Reduction follows transformers' ``fixed_cross_entropy``: mean over non-ignored tokens, or
 ``sum / num_items_in_batch`` when ``num_items_in_batch`` is given (gradient accumulation).
-Labels are used as given (no shift): pass the already shifted labels of a causal LM.
+Labels are used as given (no shift): pass the already shifted labels of a causal LM. Rows with an ignored label
+are skipped (no logits at all): their loss and gradients are zero.
 
 ``logit_softcapping`` (Gemma 2/3 ``final_logit_softcapping``): ``cap * tanh(logits / cap)``,
 applied in fp32 (transformers applies it in the model dtype before upcasting).
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 _MAX_BLOCK = 32768
+_COMPACT_BELOW = 0.97  # skip ignored rows once fewer than this fraction of the rows count
 
 
 # --------------------------------------------------------------------------------------
@@ -176,6 +178,17 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     return max(1, next_power_of_2(rows))
 
 
+def _kept_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | None, int]:
+    """``(indices of the rows whose label counts, how many)``, or ``(None, n)`` when (nearly) every row counts:
+    a few ignored rows (the shifted-out last position, an image token) are cheaper to compute than to gather
+    around (the kernel gives them zero loss and gradient)."""
+    keep = labels != ignore_index
+    kept = int(keep.sum())
+    if kept >= _COMPACT_BELOW * labels.numel():
+        return None, labels.numel()
+    return keep.nonzero().squeeze(1), kept
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """``apply(hidden[N,H], weight[V,H], labels[N], bias, ignore_index, num_items_in_batch,
     chunk_size, logit_softcapping, use_triton_kernel, grad_enabled)`` -> fp32 scalar loss.
@@ -232,11 +245,20 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
         loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
 
-        chunk = int(chunk_size) if chunk_size else default_chunk_size(n_rows, h_size, vocab)
+        # rows whose label is ignored add nothing to the loss or any gradient: only the others are multiplied
+        # (prompt-masked fine-tuning data ignores most rows); one host sync for their number
+        rows, kept = _kept_rows(labels, ignore_index)
+        if rows is not None:
+            loss_rows.zero_()
+            if need_h:
+                grad_hidden.zero_()
+        n_kept = n_rows if rows is None else kept
+        chunk = int(chunk_size) if chunk_size else default_chunk_size(n_kept, h_size, vocab)
         ce_chunk = _ce_chunk_triton if use_triton_kernel else _ce_chunk_torch
-        for start in range(0, n_rows, chunk):
-            end = min(start + chunk, n_rows)
-            h = hidden2[start:end]
+        for start in range(0, n_kept, chunk):
+            end = min(start + chunk, n_kept)
+            idx = None if rows is None else rows[start:end]
+            h = hidden2[start:end] if idx is None else hidden2.index_select(0, idx)
             if h.dtype != mm_dtype:
                 h = h.to(mm_dtype)
             logits = h @ weight.t()
@@ -245,13 +267,20 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             logits = logits.float()
             if not logits.is_contiguous():
                 logits = logits.contiguous()
-            ce_chunk(logits, labels[start:end], loss_rows[start:end], ignore_index, logit_softcapping,
-                     compute_grad)
+            chunk_labels = labels[start:end] if idx is None else labels.index_select(0, idx)
+            chunk_loss = loss_rows[start:end] if idx is None else torch.empty(end - start, dtype=torch.float32,
+                                                                               device=device)
+            ce_chunk(logits, chunk_labels, chunk_loss, ignore_index, logit_softcapping, compute_grad)
+            if idx is not None:
+                loss_rows.index_copy_(0, idx, chunk_loss)
             if not compute_grad:
                 continue
             g = logits.to(mm_dtype)
             if need_h:
-                grad_hidden[start:end] = g @ weight
+                if idx is None:
+                    grad_hidden[start:end] = g @ weight
+                else:
+                    grad_hidden.index_copy_(0, idx, (g @ weight).to(grad_hidden.dtype))
             if need_w:
                 if grad_weight.dtype == mm_dtype:
                     grad_weight.addmm_(g.t(), h)

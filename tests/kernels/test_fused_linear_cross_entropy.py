@@ -32,8 +32,8 @@ def _inputs(n, h, v, dtype, device, bias=False, n_ignored=2):
 
 
 def _check(dtype, device, *, kernel=True, bias=False, num_items=None, chunk_size=4, softcap=None,
-           n=11, h=19, v=37, grad_scale=None, freeze_weight=False):
-    hidden, weight, b, labels = _inputs(n, h, v, dtype, device, bias)
+           n=11, h=19, v=37, grad_scale=None, freeze_weight=False, n_ignored=2):
+    hidden, weight, b, labels = _inputs(n, h, v, dtype, device, bias, n_ignored)
     n_valid = int((labels != -100).sum())
     # upstream grad ~ #tokens so that gradients are O(1) and the tolerance table is meaningful
     grad_scale = grad_scale if grad_scale is not None else float(num_items or n_valid)
@@ -162,3 +162,43 @@ def test_ref_matches_transformers_causal_lm_loss(device, num_items):
     if num_items is None:
         ce = torch.nn.CrossEntropyLoss()(logits.view(-1, v), shift.reshape(-1))
         torch.testing.assert_close(ref, ce, rtol=1e-6, atol=1e-6)
+
+
+class _LogitRows(TorchDispatchMode):
+    """Counts the rows of every ``[rows, vocab]`` matmul (the logits chunks)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+            self.rows += out.shape[0]
+        return out
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("n_ignored", [0, 9, 36])
+def test_ignored_rows_are_skipped(device, kernel, n_ignored):
+    """Prompt-masked data: rows with an ignored label get no logits at all, and the loss and every gradient are
+    still the reference's (ignored rows' hidden gradient exactly zero)."""
+    n, h, v = 40, 19, 37
+    _check(torch.float32, device, kernel=kernel, n=n, h=h, v=v, n_ignored=n_ignored, chunk_size=3, bias=True)
+    hidden, weight, _, labels = _inputs(n, h, v, torch.float32, device, n_ignored=n_ignored)
+    hidden.requires_grad_(True)
+    counter = _LogitRows(v)
+    with counter:
+        loss = _flce(hidden, weight, labels, chunk_size=3, kernel=kernel)
+    assert counter.rows == n - n_ignored
+    loss.backward()
+    assert (hidden.grad[labels == -100] == 0).all()
+
+
+def test_every_row_ignored_gives_the_references_result(device):
+    hidden, weight, _, labels = _inputs(6, 8, 11, torch.float32, device, n_ignored=6)
+    got = _flce(hidden, weight, labels)
+    ref = fused_linear_cross_entropy_ref(hidden, weight, labels)
+    assert torch.isnan(got) == torch.isnan(ref)
+    got_sum = _flce(hidden, weight, labels, num_items_in_batch=4)
+    assert got_sum.item() == 0.0
