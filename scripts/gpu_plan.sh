@@ -18,6 +18,7 @@
 #   bash scripts/gpu_plan.sh probe      # Llama 2048: memory_peak + who holds the vision output after forward
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 2048
+#   bash scripts/gpu_plan.sh sixth      # GPU tests + ours on both models: what the sixth session built unmeasured
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
@@ -142,6 +143,17 @@ case "${1:-}" in
     grep "loaded in" /tmp/n_ne/workers.log | cut -c1-160
     timeout 100 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mp2 2>&1 | head -3
     cp /tmp/mp2/memory_peak.md "$out/memory_peak_2048.md" ;;  # the cell still above Unsloth (8.81 vs 8.59 GiB)
+  sixth)  # ~7 minutes: what the sixth session changed after its GPU time ran out (vision-split input permutation,
+    # the loss skipping ignored rows, the lean MLP's no-adapter path), against that session's ours rows
+    # (Qwen 0.265 / 0.838 s, Llama 0.579 / 1.360 s; scripts/results/h200_2026-12-01f_*)
+    timeout 120 python -m pytest -q tests/kernels/test_gated_overwrite.py tests/kernels/test_lora_linear_4bit.py \
+      tests/kernels/test_fused_linear_cross_entropy.py tests/gpu/test_cuda_graphs_gpu.py \
+      tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    for m in llama32_11b_vision qwen2_5_vl_7b; do
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
+        --out /tmp/s_$m > /dev/null 2>&1
+      cp /tmp/s_$m/results.csv "$out/${m}_ours.csv"; grep "| ours" /tmp/s_$m/results.md | cut -c1-200
+    done ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
