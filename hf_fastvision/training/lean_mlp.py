@@ -74,7 +74,7 @@ def current_pass() -> bool | None:
 def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], chunk: int) -> Any:
     """The MLP's output through the lean path, or ``NotImplemented`` where the plain forward must run."""
     recompute = current_pass()
-    if recompute is None or not x.is_floating_point():
+    if recompute is None or not x.is_floating_point() or _plain_only(mlp):
         return NotImplemented
     if not torch.is_grad_enabled():  # e.g. the CUDA graph of a checkpointed layer's forward
         return _chunked(mlp, x, op, chunk)
@@ -88,8 +88,8 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
     skip = bool(recompute) and out_meta is not None
     slots = up_slots + down_slots
     params = [module._parameters[name] for module, name in slots]
-    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params) or _plain_only(mlp):
-        return NotImplemented
+    if any(type(p).__name__ == "DTensor" or p.untyped_storage().size() == 0 for p in params):
+        return NotImplemented  # sharded (FSDP2) weights: the plain path, which their wrappers gather for
     if _capturing(x) and (_act_grads(op) is None or _fused_parts(mlp, params, x) is None):
         # a CUDA graph's recompute + backward: only the graph-free backward. Through nested autograd a backward
         # captured in a graph kept one activation per layer allocated (+2.2 GiB on Qwen2.5-VL-7B at 2048)
@@ -98,9 +98,10 @@ def lean_mlp_forward(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Te
 
 
 def _plain_only(mlp: nn.Module) -> bool:
-    """MLPs the lean path must leave alone: FSDP-wrapped parts (the wrappers' hooks gather the weights), and active
-    dropout (e.g. peft's ``lora_dropout``): the backward's recompute of gate/up would draw new masks, while the
-    checkpoint's recompute replays the forward's random state."""
+    """MLPs the lean path must leave alone, in every pass: FSDP-wrapped parts (the wrappers' hooks gather the
+    weights), and active dropout (e.g. peft's ``lora_dropout``): the backward's recompute of gate/up would draw new
+    masks, while the checkpoint's recompute replays the forward's random state (and a chunked forward draws them
+    in another order than the plain one)."""
     for m in mlp.modules():
         if type(m).__name__ == "FullyShardedDataParallel":
             return True

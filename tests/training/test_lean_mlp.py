@@ -211,9 +211,16 @@ def test_lora_dropout_keeps_the_plain_mlp(tiny_checkpoint, monkeypatch):
     torch.manual_seed(1)
     _, loss_ref, grads_ref = lora_step(folder, "qwen2_5_vl", PLAIN, dtype=torch.float32, after_lora=dropout)
     spy = _Spy(monkeypatch)
+    chunked = []
+    real_chunked = lean._chunked
+    monkeypatch.setattr(lean, "_chunked", lambda *a: chunked.append(1) or real_chunked(*a))
     torch.manual_seed(1)
-    _, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, after_lora=dropout)
-    assert spy.calls == 0
+    model, loss, grads = lora_step(folder, "qwen2_5_vl", LEAN, dtype=torch.float32, after_lora=dropout)
+    assert spy.calls == 0 and not chunked  # nor the graph forward's chunked path
+    mlp = next(m for n, m in model.named_modules() if n.endswith("language_model.layers.0.mlp"))
+    with torch.no_grad(), lean.checkpoint_pass(False):
+        mlp(torch.randn(1, 3, mlp.gate_proj.in_features))
+    assert not chunked
     _assert_same(loss, grads, loss_ref, grads_ref)
 
 
