@@ -182,6 +182,8 @@ def _kept_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor | 
     """``(indices of the rows whose label counts, how many)``, or ``(None, n)`` when (nearly) every row counts:
     a few ignored rows (the shifted-out last position, an image token) are cheaper to compute than to gather
     around (the kernel gives them zero loss and gradient)."""
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():  # no host sync inside a CUDA graph capture
+        return None, labels.numel()
     keep = labels != ignore_index
     kept = int(keep.sum())
     if kept >= _COMPACT_BELOW * labels.numel():
