@@ -284,3 +284,27 @@ def test_in_the_recompute_only_the_input_is_saved(tiny_checkpoint):
     x_bytes = x.numel() * x.element_size()
     assert saved_bytes["lean"] == x_bytes, saved_bytes
     assert saved_bytes["plain"] > 3 * x_bytes, saved_bytes
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
+def test_full_finetuning_in_16_bit_equals_the_plain_mlp(name, tiny_checkpoint, monkeypatch):
+    """No 4-bit, no adapters: every weight trains; the lean MLP takes the autograd backward and equals the plain."""
+    from hf_fastvision.archs.tiny import open_zero_gates, sample_batch, tiny_processor
+
+    folder = str(tiny_checkpoint(name))
+    results = []
+    for patches in (PLAIN, LEAN):
+        spy = _Spy(monkeypatch)
+        model, _ = FastVisionModel.from_pretrained(folder, load_in_4bit=False, load_in_16bit=True,
+                                                   dtype=torch.float32, full_finetuning=True, patches=patches)
+        open_zero_gates(model)
+        FastVisionModel.for_training(model)
+        batch = sample_batch(tiny_processor(name), name, n=2)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        spy.autograd))
+        monkeypatch.undo()
+    (loss_ref, grads_ref, _), (loss, grads, n_autograd) = results
+    assert n_autograd > 0 and [n for n in grads if "mlp.down_proj.weight" in n]
+    _assert_same(loss, grads, loss_ref, grads_ref)
