@@ -74,6 +74,20 @@ def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, 
     return peak, at, dict(groups), list(alive.values())
 
 
+def reserved_by_pool(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The allocator snapshot's segments summed per memory pool: ``[{pool, reserved, allocated, segments}]`` in
+    bytes, largest first. Pool ``(0, 0)`` is the default caching pool; any other id is a CUDA graph's private pool
+    (what `max_memory_allocated` does not see while the graphs replay)."""
+    pools: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for seg in segments:
+        key = str(tuple(seg.get("segment_pool_id", (0, 0))))
+        pools[key][0] += int(seg.get("total_size", 0))
+        pools[key][1] += int(seg.get("allocated_size", 0))
+        pools[key][2] += 1
+    return [{"pool": k, "reserved": r, "allocated": a, "segments": n}
+            for k, (r, a, n) in sorted(pools.items(), key=lambda kv: -kv[1][0])]
+
+
 def common_stacks(alive: list[dict[str, Any]], site: str, top: int = 2) -> list[tuple[int, int, list[str]]]:
     """The ``top`` call stacks (frames of ours / transformers / peft / torch.autograd, innermost first) that
     allocated the live blocks of ``site``, as ``(bytes, blocks, frames)``, largest first: who made them."""
@@ -218,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"{f.get('name', '?')}" for f in (events[at].get("frames", []) if at >= 0 else [])[:40]],
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
     }
+    summary["reserved_by_pool_gib"] = [{**p, "reserved": round(p["reserved"] / gib, 3),
+                                        "allocated": round(p["allocated"] / gib, 3)}
+                                       for p in reserved_by_pool(snapshot.get("segments", []))]
     summary["stacks"] = {s: [{"gib": round(b / gib, 4), "blocks": n, "frames": f} for b, n, f in
                              common_stacks(alive, s)] for s, _ in rows[:2]}
     summary["probes"] = [probe_holders(model, batch, name) for name in args.probe]
@@ -229,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{step_peaks}; each step's own peak {own_peaks})", "",
              "| site (innermost frame of ours / transformers / peft / bnb / optim) | GiB | blocks |", "|---|---|---|"]
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
+    lines += ["", "reserved at the end, by pool ((0, 0): the default cache; others: CUDA graph pools):", "",
+              "| pool | reserved (GiB) | allocated (GiB) | segments |", "|---|---|---|---|"]
+    lines += [f"| {p['pool']} | {p['reserved']} | {p['allocated']} | {p['segments']} |"
+              for p in summary["reserved_by_pool_gib"]]
     lines += ["", "the allocation that reached the peak (innermost first):", ""]
     lines += [f"- `{f}`" for f in summary["peak_stack"] if "/torch/nn/modules/module.py" not in f]
     for site, ranked in summary["stacks"].items():
@@ -239,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"probe `{probe['module']}`: {json.dumps({k: v for k, v in probe.items() if k != 'module'})}"]
     (out / "memory_peak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12 + 15]))
+    print("\n".join(line for line in lines if line.startswith("| (")))
     return 0
 
 

@@ -61,3 +61,17 @@ def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor():
     holders = mp.saved_by(loss.grad_fn, kept.untyped_storage().data_ptr())
     assert holders and all(h.startswith("MmBackward") for h in holders), holders
     assert mp.saved_by(loss.grad_fn, torch.randn(2).untyped_storage().data_ptr()) == []
+
+
+def test_reserved_is_summed_per_pool():
+    mp = _module()
+    segments = [
+        {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 60},
+        {"segment_pool_id": (1, 2), "total_size": 300, "allocated_size": 0},   # a graph pool between replays
+        {"segment_pool_id": (0, 0), "total_size": 50, "allocated_size": 50},
+        {"total_size": 10, "allocated_size": 10},                              # no pool id: the default pool
+    ]
+    assert mp.reserved_by_pool(segments) == [
+        {"pool": "(1, 2)", "reserved": 300, "allocated": 0, "segments": 1},
+        {"pool": "(0, 0)", "reserved": 160, "allocated": 120, "segments": 3},
+    ]
