@@ -349,18 +349,24 @@ def _materialised(weight: torch.Tensor) -> bool:
     return type(weight).__name__ != "DTensor" and weight.untyped_storage().size() > 0
 
 
+def lora_4bit_parts(module: nn.Module) -> tuple:
+    """``(weight, quant_state, lora_a, lora_b, scaling, bias)`` of a peft 4-bit LoRA layer's active adapter: what
+    the fused op (`lora_linear_4bit`) and its graph-free gradients (`lora_linear_4bit_grads`) take."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    name = module.active_adapters[0]
+    base = module.get_base_layer()
+    fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter; the module keeps it
+    return (base.weight, base.weight.quant_state, module.lora_A[name].weight, module.lora_B[name].weight,
+            module.scaling[name], base.bias)
+
+
 def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     if args or kwargs or not _lora_fusable(self, x):
         return original_forward(self)(x, *args, **kwargs)
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit
 
-    name = self.active_adapters[0]
-    base = self.get_base_layer()
-    fix_4bit_weight_quant_state_from_module(base)  # FSDP flattening drops it from the parameter; the module keeps it
-    return lora_linear_4bit(x, base.weight, base.weight.quant_state, self.lora_A[name].weight,
-                            self.lora_B[name].weight, self.scaling[name], base.bias)
+    return lora_linear_4bit(x, *lora_4bit_parts(self))
 
 
 def apply_lora_patches(model: nn.Module, options: Any = None) -> int:

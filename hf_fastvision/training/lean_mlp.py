@@ -170,9 +170,10 @@ class _LeanMLPFunction(torch.autograd.Function):
 
 
 def _backward_fused(mlp, op, act_grads, parts, params, x, grad_out, chunk, need_x):
-    """The backward where gate, up and down are all fused 4-bit LoRA layers: no autograd graph at all. Per
-    chunk: gate/up forward, the activation, then each projection's gradients (`lora_linear_4bit_grads`) and the
-    activation's (`swiglu_grads` / `geglu_grads`, written over the chunk's own gate/up outputs)."""
+    """The backward where gate, up and down are all 4-bit linears (fused LoRA layers, or frozen without an
+    adapter; `_fused_parts`): no autograd graph at all. Per chunk: gate/up forward, the activation, then each
+    projection's gradients (`lora_linear_4bit_grads`) and the activation's (`swiglu_grads` / `geglu_grads`,
+    written over the chunk's own gate/up outputs)."""
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit_grads
 
     rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
@@ -243,7 +244,7 @@ def _lora_parts(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, quant_state, lora_a, lora_b, scaling)`` of a peft 4-bit LoRA layer the fused op computes
     exactly (`patching._lora_fusable`), ``(weight, quant_state, None, None, 0.0)`` of a bitsandbytes 4-bit linear
     without an adapter, else None."""
-    from hf_fastvision.patching import _lora_fusable
+    from hf_fastvision.patching import _lora_fusable, lora_4bit_parts
 
     if not hasattr(module, "lora_A"):
         state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -252,15 +253,13 @@ def _lora_parts(module: nn.Module, x: torch.Tensor) -> tuple | None:
         return module.weight, state, None, None, 0.0
     if not hasattr(module, "get_base_layer") or not _lora_fusable(module, x):
         return None
-    name = module.active_adapters[0]
-    base = module.get_base_layer()
-    state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
-    return base.weight, state, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+    weight, state, lora_a, lora_b, scaling, _bias = lora_4bit_parts(module)  # a frozen bias adds no gradient
+    return weight, state, lora_a, lora_b, float(scaling)
 
 
 def _fused_parts(mlp: nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> tuple | None:
-    """The three projections' `_lora_parts` when all are fused 4-bit LoRA layers and ``params`` (the MLP's
-    trainable weights) are among their adapters' weights; else None."""
+    """The three projections' `_lora_parts` when all are 4-bit linears the graph-free backward handles and
+    ``params`` (the MLP's trainable weights) are among their adapters' weights; else None."""
     parts = tuple(_lora_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     if any(p is None for p in parts):
         return None
