@@ -9,8 +9,9 @@ forward pass (as Liger-Kernel does). ``backward`` only scales the stored gradien
 
 Reduction follows transformers' ``fixed_cross_entropy``: mean over non-ignored tokens, or
 ``sum / num_items_in_batch`` when ``num_items_in_batch`` is given (gradient accumulation).
-Labels are used as given (no shift): pass the already shifted labels of a causal LM. Rows with an ignored label
-are skipped (no logits at all): their loss and gradients are zero.
+Labels are used as given (no shift): pass the already shifted labels of a causal LM. Once more than 3% of the rows
+have an ignored label (a masked prompt), those rows are skipped (no logits at all; one host sync to count them):
+their loss and gradients are zero either way.
 
 ``logit_softcapping`` (Gemma 2/3 ``final_logit_softcapping``): ``cap * tanh(logits / cap)``,
 applied in fp32 (transformers applies it in the model dtype before upcasting).
