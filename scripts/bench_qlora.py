@@ -465,6 +465,19 @@ def _oom_text(text: str) -> bool:
     return "OutOfMemoryError" in text or "CUDA out of memory" in text or "out of memory" in text.lower()
 
 
+def steady_step(times: list[float], planned: int, status: str, err: str | None):
+    """The step time a row reports: the median of steps 3.. (2.. when only two ran). When the budget let only
+    the first step run out of several, that step is compile and warm-up, so the row is `incomplete` with no step
+    time rather than a warm-up passed off as one. Returns (step_s, median_of, status, err)."""
+    tail = times[2:] if len(times) >= 3 else times[1:] if len(times) >= 2 else times
+    median_of = (f"steps 3..{len(times)}" if len(times) >= 3 else f"steps 2..{len(times)}" if len(times) == 2
+                 else "step 1" if times else "none")
+    if status == "ok" and len(times) == 1 and planned > 1:
+        status, err = "incomplete", f"time budget: only step 1 of {planned} ran ({times[0]:.1f} s, warm-up)"
+    step_s = statistics.median(tail) if tail and status == "ok" else None
+    return step_s, median_of, status, err
+
+
 def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[str, Any]]:
     work = Path(args.workdir)
     result_path = work / f"result_{system}.json"
@@ -990,10 +1003,7 @@ def worker_main(args) -> int:
         steps_reserved = torch.cuda.max_memory_reserved() / GIB if cuda else None
         # reserved once the steps are done: the steady state (graph pools and caches), not a capture round's peak
         end_reserved = torch.cuda.memory_reserved() / GIB if cuda else None
-        tail = times[2:] if len(times) >= 3 else times[1:] if len(times) >= 2 else times
-        median_of = (f"steps 3..{len(times)}" if len(times) >= 3 else f"steps 2..{len(times)}" if len(times) == 2
-                     else "step 1" if times else "none")
-        step_s = statistics.median(tail) if tail and status == "ok" else None
+        step_s, median_of, status, err = steady_step(times, args.steps, status, err)
         row = {
             "seq": seq, "status": status, "error": err,
             "step_s": step_s, "tokens_per_s": (args.batch * seq / step_s) if step_s else None,

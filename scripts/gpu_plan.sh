@@ -19,6 +19,7 @@
 #   bash scripts/gpu_plan.sh cross_ab   # GPU tests; ours default vs cross_attention_split vs lazy backward capture
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 2048
 #   bash scripts/gpu_plan.sh sixth      # GPU tests + ours on both models: what the sixth session built unmeasured
+#   bash scripts/gpu_plan.sh seventh    # load A/B of the device map, a profile of ours at Llama 8192
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
@@ -154,6 +155,18 @@ case "${1:-}" in
         --out /tmp/s_$m > /dev/null 2>&1
       cp /tmp/s_$m/results.csv "$out/${m}_ours.csv"; grep "| ours" /tmp/s_$m/results.md | cut -c1-200
     done ;;
+  seventh)  # ~6 minutes: the load-time A/B of the device map (default, {"": 0}, default again: file-cache order),
+    # then a profile of ours at Llama 8192, the cell furthest from its target (1.18x Unsloth, target 1.25x)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 3 --budget 220 \
+      --out /tmp/v_a > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 90 \
+      --ours-device-map '{"": 0}' --out /tmp/v_b > /dev/null 2>&1
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 90 \
+      --out /tmp/v_c > /dev/null 2>&1
+    for v in a b c; do grep -h "loaded in" /tmp/v_$v/worker_ours.log /tmp/v_$v/workers.log 2>/dev/null | head -1 \
+      | cut -c1-150; done | tee "$out/load_device_map_ab.txt"
+    timeout 150 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
+      --out "$out/profile_8192" 2>&1 | tail -2 ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
@@ -198,5 +211,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
 esac

@@ -40,3 +40,23 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
     assert rows["ours"]["n_lora"] == rows["hf"]["n_lora"] and int(rows["ours"]["n_lora"]) > 0
     table = (out / "results.md").read_text()
     assert "| tiny qwen2_5_vl | 128 | ours |" in table and "| tiny qwen2_5_vl | 128 | hf |" in table
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qlora_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_row_with_only_the_warm_up_step_reports_no_step_time():
+    steady_step = _bench_module().steady_step
+    # Unsloth's first Llama step compiled for 89 s and the budget ended there: that is not a step time
+    step_s, median_of, status, err = steady_step([89.5], 6, "ok", "time budget: 1 of 6 steps")
+    assert (step_s, median_of, status) == (None, "step 1", "incomplete") and "only step 1 of 6" in err
+    assert steady_step([3.0, 2.0, 1.0, 1.2, 1.1], 5, "ok", None)[:3] == (1.1, "steps 3..5", "ok")
+    assert steady_step([3.0, 2.0], 6, "ok", None)[:3] == (2.0, "steps 2..2", "ok")
+    assert steady_step([0.5], 1, "ok", None)[:3] == (0.5, "step 1", "ok")  # one step asked for, one step given
+    assert steady_step([], 6, "OOM", "step 1: OOM")[:3] == (None, "none", "OOM")
