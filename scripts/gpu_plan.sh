@@ -165,6 +165,7 @@ case "${1:-}" in
       --out /tmp/v_c > /dev/null 2>&1
     for v in a b c; do grep -h "loaded in" /tmp/v_$v/worker_ours.log /tmp/v_$v/workers.log 2>/dev/null | head -1 \
       | cut -c1-150; done | tee "$out/load_device_map_ab.txt"
+    python scripts/bench_scaling.py prepare --model llama32_11b_vision --seq 8192 --batch 1 > /dev/null 2>&1
     timeout 150 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
       --out "$out/profile_8192" 2>&1 | tail -2 ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
