@@ -75,17 +75,23 @@ def peak_composition(events: list[dict[str, Any]]) -> tuple[int, int, dict[str, 
 
 
 def reserved_by_pool(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The allocator snapshot's segments summed per memory pool: ``[{pool, reserved, allocated, segments}]`` in
-    bytes, largest first. Pool ``(0, 0)`` is the default caching pool; any other id is a CUDA graph's private pool
-    (what `max_memory_allocated` does not see while the graphs replay)."""
-    pools: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    """The allocator snapshot's segments summed per memory pool and stream: ``[{pool, stream, reserved,
+    allocated, segments, largest_free}]`` in bytes, largest first. Pool ``(0, 0)`` is the default caching pool;
+    any other id is a CUDA graph's private pool (what `max_memory_allocated` does not see while the graphs
+    replay). The caching allocator never lends a block cached for one stream to another, so reserved memory split
+    over streams (the offload's side stream, a capture stream) is memory the compute stream cannot reuse;
+    ``largest_free`` is the biggest free block of that group (fragmentation shows as many small ones)."""
+    pools: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for seg in segments:
-        key = str(tuple(seg.get("segment_pool_id", (0, 0))))
-        pools[key][0] += int(seg.get("total_size", 0))
-        pools[key][1] += int(seg.get("allocated_size", 0))
-        pools[key][2] += 1
-    return [{"pool": k, "reserved": r, "allocated": a, "segments": n}
-            for k, (r, a, n) in sorted(pools.items(), key=lambda kv: -kv[1][0])]
+        key = (str(tuple(seg.get("segment_pool_id", (0, 0)))), int(seg.get("stream", 0)))
+        group = pools[key]
+        group[0] += int(seg.get("total_size", 0))
+        group[1] += int(seg.get("allocated_size", 0))
+        group[2] += 1
+        free = [int(b.get("size", 0)) for b in seg.get("blocks", []) if b.get("state") != "active_allocated"]
+        group[3] = max([group[3], *free])
+    return [{"pool": pool, "stream": stream, "reserved": r, "allocated": a, "segments": n, "largest_free": f}
+            for (pool, stream), (r, a, n, f) in sorted(pools.items(), key=lambda kv: -kv[1][0])]
 
 
 def common_stacks(alive: list[dict[str, Any]], site: str, top: int = 2) -> list[tuple[int, int, list[str]]]:
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "sites": [{"site": s, "gib": round(b / gib, 4), "blocks": n} for s, (b, n) in rows[: args.rows]],
     }
     summary["reserved_by_pool_gib"] = [{**p, "reserved": round(p["reserved"] / gib, 3),
-                                        "allocated": round(p["allocated"] / gib, 3)}
+                                        "allocated": round(p["allocated"] / gib, 3),
+                                        "largest_free": round(p["largest_free"] / gib, 3)}
                                        for p in reserved_by_pool(snapshot.get("segments", []))]
     summary["stacks"] = {s: [{"gib": round(b / gib, 4), "blocks": n, "frames": f} for b, n, f in
                              common_stacks(alive, s)] for s, _ in rows[:2]}
@@ -246,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{step_peaks}; each step's own peak {own_peaks})", "",
              "| site (innermost frame of ours / transformers / peft / bnb / optim) | GiB | blocks |", "|---|---|---|"]
     lines += [f"| `{r['site']}` | {r['gib']} | {r['blocks']} |" for r in summary["sites"]]
-    lines += ["", "reserved at the end, by pool ((0, 0): the default cache; others: CUDA graph pools):", "",
-              "| pool | reserved (GiB) | allocated (GiB) | segments |", "|---|---|---|---|"]
-    lines += [f"| {p['pool']} | {p['reserved']} | {p['allocated']} | {p['segments']} |"
+    lines += ["", "reserved at the end, by pool and stream ((0, 0): the default cache; others: CUDA graph pools):", "",
+              "| pool | stream | reserved (GiB) | allocated (GiB) | segments | largest free block (GiB) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {p['pool']} | {p['stream']} | {p['reserved']} | {p['allocated']} | {p['segments']} | "
+              f"{p['largest_free']} |"
               for p in summary["reserved_by_pool_gib"]]
     lines += ["", "the allocation that reached the peak (innermost first):", ""]
     lines += [f"- `{f}`" for f in summary["peak_stack"] if "/torch/nn/modules/module.py" not in f]

@@ -63,15 +63,20 @@ def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor():
     assert mp.saved_by(loss.grad_fn, torch.randn(2).untyped_storage().data_ptr()) == []
 
 
-def test_reserved_is_summed_per_pool():
+def test_reserved_is_summed_per_pool_and_stream():
     mp = _module()
+    blocks = [{"size": 40, "state": "inactive"}, {"size": 60, "state": "active_allocated"}]
     segments = [
-        {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 60},
-        {"segment_pool_id": (1, 2), "total_size": 300, "allocated_size": 0},   # a graph pool between replays
-        {"segment_pool_id": (0, 0), "total_size": 50, "allocated_size": 50},
+        {"segment_pool_id": (0, 0), "stream": 0, "total_size": 100, "allocated_size": 60, "blocks": blocks},
+        {"segment_pool_id": (1, 2), "total_size": 300, "allocated_size": 0,   # a graph pool between replays
+         "blocks": [{"size": 300, "state": "inactive"}]},
+        {"segment_pool_id": (0, 0), "stream": 0, "total_size": 50, "allocated_size": 50},
         {"total_size": 10, "allocated_size": 10},                              # no pool id: the default pool
+        {"segment_pool_id": (0, 0), "stream": 77, "total_size": 20, "allocated_size": 0,  # the side stream's cache
+         "blocks": [{"size": 12, "state": "inactive"}, {"size": 8, "state": "inactive"}]},
     ]
     assert mp.reserved_by_pool(segments) == [
-        {"pool": "(1, 2)", "reserved": 300, "allocated": 0, "segments": 1},
-        {"pool": "(0, 0)", "reserved": 160, "allocated": 120, "segments": 3},
+        {"pool": "(1, 2)", "stream": 0, "reserved": 300, "allocated": 0, "segments": 1, "largest_free": 300},
+        {"pool": "(0, 0)", "stream": 0, "reserved": 160, "allocated": 120, "segments": 3, "largest_free": 40},
+        {"pool": "(0, 0)", "stream": 77, "reserved": 20, "allocated": 0, "segments": 1, "largest_free": 12},
     ]
