@@ -136,11 +136,11 @@ case "${1:-}" in
       --budget 300 --out /tmp/n_main > /dev/null 2>&1
     cp /tmp/n_main/results.md /tmp/n_main/results.csv /tmp/n_main/workers.log "$out/"
     grep "| Llama" "$out/results.md" | cut -c1-150; grep "loaded in" "$out/workers.log" | cut -c1-160
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 50 \
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 2 --budget 90 \
       --ours-device-map '{"": 0}' --out /tmp/n_dm > /dev/null 2>&1
     cp /tmp/n_dm/workers.log "$out/device_map_workers.log"; grep "loaded in" "$out/device_map_workers.log" | cut -c1-160
     HF_FASTVISION_EXPANDABLE_SEGMENTS=0 python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 \
-      --systems ours --steps 2 --budget 50 --out /tmp/n_ne > /dev/null 2>&1  # does the allocator set-up cost load time?
+      --systems ours --steps 2 --budget 90 --out /tmp/n_ne > /dev/null 2>&1  # does the allocator set-up cost load time?
     grep "loaded in" /tmp/n_ne/workers.log | cut -c1-160
     timeout 100 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/mp2 2>&1 | head -3
     cp /tmp/mp2/memory_peak.md "$out/memory_peak_2048.md" ;;  # the cell still above Unsloth (8.81 vs 8.59 GiB)
