@@ -23,6 +23,7 @@
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
+#   bash scripts/gpu_plan.sh attention  # text self-attention per SDPA backend, then the vision attention variants
 #   bash scripts/gpu_plan.sh mva        # Mllama vision attention: masked SDPA vs the exact maskless split
 #   bash scripts/gpu_plan.sh nf4        # the opt-in nf4 decode kernel against bitsandbytes, per shape
 set -uo pipefail
@@ -207,10 +208,14 @@ case "${1:-}" in
     timeout 120 python scripts/memory_peak.py --model llama32_11b_vision --seq 2048 --out /tmp/probe \
       --probe vision_model multi_modal_projector 2>&1 | tail -4
     cp /tmp/probe/memory_peak.md "$out/" ;;
+  attention)  # ~3 minutes, no checkpoint needed: the text self-attention backends (cuDNN's forward runs at half
+    # its backward's rate at 8192), then Mllama's vision attention variants
+    timeout 200 python scripts/bench_text_attention.py --seqs 2048 8192 --out "$out" 2>&1 | tail -24
+    timeout 150 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -10 ;;
   mva)
     timeout 300 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -12 ;;
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac
