@@ -19,6 +19,11 @@ path) are left as they are.
 - `mlp_lean_recompute`: in checkpointed layers the spec lists (``patches["lean_mlp"]``), the gated MLP
   saves only its input, skips its forward in the recompute and recomputes gate/up in token chunks in its backward
   (`training/lean_mlp.py`).
+- `rope`: where the spec asks for it, each text attention module whose forward calls its modeling module's
+  `apply_rotary_pos_emb` runs that same forward (transformers' own code, through its decorators) with the name
+  resolved to the fused RoPE kernel (`kernels/rope.py`): one pass over q and k each way instead of eager's
+  multiplies, negation and concatenation. Only the copy bound on this instance sees the kernel; the modeling module's
+  globals are read once, at patch time.
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
   in one SDPA call instead of one call per window).
 - `fused_loss`: with `labels`, the top model's forward runs with `logits_to_keep=1` and the loss is computed
@@ -66,6 +71,9 @@ class PatchOptions:
 
     rms_norm: bool = True
     """Fused RMSNorm (forward and backward in one kernel each)."""
+    rope: bool = True
+    """The text attention's rotary embedding through the fused RoPE kernel (transformers' attention forward, with
+    its `apply_rotary_pos_emb` resolved to `kernels.rope.apply_rotary_pos_emb`)."""
     mlp: bool = True
     """Fused SwiGLU / GeGLU activation of gated MLPs."""
     vision_mlp: bool = True
@@ -107,7 +115,8 @@ class PatchOptions:
         if value is None or value is True:
             return cls()
         if value is False:
-            return cls(rms_norm=False, mlp=False, vision_mlp=False, vision_states=False, cross_attention_split=False,
+            return cls(rms_norm=False, rope=False, mlp=False, vision_mlp=False, vision_states=False,
+                       cross_attention_split=False,
                        mlp_lean_recompute=False,
                        fused_loss=False, vision_attention=False,
                        vision_attention_split=False, lora=False, cuda_graphs=False,
@@ -133,6 +142,57 @@ def _bind(module: nn.Module, kind: str, forward: Any) -> bool:
     module.__dict__[_KIND] = kind
     module.forward = types.MethodType(forward, module)
     return True
+
+
+_ROPE_NAME = "apply_rotary_pos_emb"
+_ROPE_FORWARDS: dict[Any, Any] = {}  # a class's forward -> its copy calling the fused kernel (None: not possible)
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _with_global(fn: Any, name: str, value: Any) -> Any:
+    """A copy of function `fn` in which the global `name` is `value`, rebuilt through `functools.wraps`-style
+    decorators (each wrapper is copied with its closure cell for the wrapped function pointing at the copy).
+    None when `fn`'s innermost code does not read `name`, or a wrapper does not hold what it wraps in a cell."""
+    inner = getattr(fn, "__wrapped__", None)
+    if not isinstance(fn, types.FunctionType):
+        return None
+    if inner is None:
+        if name not in fn.__code__.co_names:
+            return None
+        scope = dict(fn.__globals__)
+        scope[name] = value
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = _with_global(inner, name, value)
+        cells = fn.__closure__ or ()
+        at = [i for i, cell in enumerate(cells) if _cell_value(cell) is inner]
+        if new_inner is None or len(at) != 1:
+            return None
+        closure = tuple(types.CellType(new_inner) if i == at[0] else cell for i, cell in enumerate(cells))
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        copy.__dict__.update(fn.__dict__)
+        copy.__wrapped__ = new_inner
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    copy.__annotations__ = dict(getattr(fn, "__annotations__", {}))
+    return copy
+
+
+def _rope_forward(module: nn.Module) -> Any:
+    """The class forward of `module` with the fused RoPE kernel in place of its module's `apply_rotary_pos_emb`
+    (cached per class forward), or None when that forward does not call it by that name."""
+    forward = type(module).forward
+    if forward not in _ROPE_FORWARDS:
+        from hf_fastvision.kernels.rope import apply_rotary_pos_emb
+
+        _ROPE_FORWARDS[forward] = _with_global(forward, _ROPE_NAME, apply_rotary_pos_emb)
+    return _ROPE_FORWARDS[forward]
 
 
 def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -240,7 +300,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     spec = spec or get_arch(model.config)
     opts = PatchOptions.from_value(options)
     model.__dict__["_hffv_patch_options"] = opts  # get_peft_model reads the `lora` flag
-    counts = {"rms_norm": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0, "vision_states": 0,
+    counts = {"rms_norm": 0, "rope": 0, "mlp": 0, "fused_loss": 0, "vision_attention": 0, "vision_states": 0,
               "cross_attention": 0}
     if spec.generic or not spec.patches:
         return counts
@@ -254,6 +314,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
     states = spec.patches.get("vision_states") if opts.vision_states else None
     release = spec.patches.get("vision_output") if opts.vision_states else None  # (class name, forward)
     cross = spec.patches.get("cross_attention_split", ()) if opts.cross_attention_split else ()
+    rope = bool(spec.patches.get("rope")) and opts.rope
     for name, module in model.named_modules():
         if cross and (name in roots.language or _under(name, roots.language)):
             match = [(f, k) for suffix, f, k in _cross_entries(cross) if type(module).__name__.endswith(suffix)]
@@ -276,6 +337,11 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             continue
         if vision_mlp and _under(name, roots.vision) and type(module).__name__.endswith(vision_mlp[0]):
             counts["mlp"] += _bind(module, "mlp", vision_mlp[1])
+            continue
+        if rope and _under(name, roots.language) and type(module).__name__.endswith("Attention"):
+            forward = _rope_forward(module)
+            if forward is not None:
+                counts["rope"] += _bind(module, "rope", forward)
             continue
         if opts.rms_norm and norm_kind and type(module).__name__.endswith("RMSNorm") and isinstance(
             getattr(module, "weight", None), nn.Parameter

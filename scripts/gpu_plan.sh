@@ -20,6 +20,7 @@
 #   bash scripts/gpu_plan.sh next       # graphs GPU tests; ours/unsloth/hf Llama 2048+8192 with load phases; memory at 2048
 #   bash scripts/gpu_plan.sh sixth      # GPU tests + ours on both models: what the sixth session built unmeasured
 #   bash scripts/gpu_plan.sh seventh    # load A/B of the device map, a profile of ours at Llama 8192
+#   bash scripts/gpu_plan.sh rope_ab    # the rope patch: GPU tests, then ours with it off/on on both models
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
@@ -169,6 +170,18 @@ case "${1:-}" in
     python scripts/bench_scaling.py prepare --model llama32_11b_vision --seq 8192 --batch 1 > /dev/null 2>&1
     timeout 150 python scripts/profile_step.py --model llama32_11b_vision --seq 8192 --warmup 2 --steps 2 \
       --out "$out/profile_8192" 2>&1 | tail -2 ;;
+  rope_ab)  # ~8 minutes: the rope patch (seventh session, on by default, unmeasured): GPU tests of the kernel and
+    # of real graphs with it, then ours with rope off and on (default) on both models at 2048+8192
+    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py tests/test_rope_patch.py \
+      2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    for m in llama32_11b_vision qwen2_5_vl_7b; do
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
+        --ours-patches '{"rope": false}' --out /tmp/r_off_$m > /dev/null 2>&1
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 90 \
+        --out /tmp/r_on_$m > /dev/null 2>&1
+      cp /tmp/r_off_$m/results.csv "$out/${m}_rope_off.csv"; cp /tmp/r_on_$m/results.csv "$out/${m}_rope_on.csv"
+      grep "| ours" /tmp/r_off_$m/results.md /tmp/r_on_$m/results.md | cut -c1-200
+    done ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
@@ -217,5 +230,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|rope_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac

@@ -52,9 +52,9 @@ def test_idempotent_flags_and_unpatch(tiny_checkpoint):
     folder = tiny_checkpoint("gemma3")
     model = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, patches={"fused_loss": False})
     assert "fused_loss" not in set(patched_modules(model).values())
-    assert apply_patches(model, options={"fused_loss": False}) == {"rms_norm": 0, "mlp": 0, "fused_loss": 0,
-                                                                   "vision_attention": 0, "vision_states": 0,
-                                                                   "cross_attention": 0}
+    assert apply_patches(model, options={"fused_loss": False}) == {"rms_norm": 0, "rope": 0, "mlp": 0,
+                                                                   "fused_loss": 0, "vision_attention": 0,
+                                                                   "vision_states": 0, "cross_attention": 0}
     n = len(patched_modules(model))
     assert unpatch(model) == n and not patched_modules(model)
     assert all("forward" not in m.__dict__ for m in model.modules())

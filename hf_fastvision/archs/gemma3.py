@@ -10,7 +10,7 @@ GEMMA3 = register_arch(
         vision_tower=("model.vision_tower",),
         projectors=("model.multi_modal_projector",),
         pad_token_candidates=("<pad>",),
-        patches={"rms_norm": "gemma", "mlp": "geglu"},
+        patches={"rms_norm": "gemma", "rope": True, "mlp": "geglu"},
         notes="Fixed image size (896 px, 256 tokens per image); pan-and-scan off by default.",
     )
 )

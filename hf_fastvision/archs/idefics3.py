@@ -9,7 +9,7 @@ _COMMON = dict(
     projectors=("model.connector",),
     image_budget=_budget.idefics_longest_edge,
     pad_token_candidates=("<pad>",),
-    patches={"rms_norm": "rms", "mlp": "swiglu",
+    patches={"rms_norm": "rms", "rope": True, "mlp": "swiglu",
              # MLP output only enters the residual add: PatchOptions.mlp_lean_recompute (training/lean_mlp.py)
              "lean_mlp": ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")},
 )

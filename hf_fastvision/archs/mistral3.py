@@ -12,7 +12,7 @@ MISTRAL3 = register_arch(
         projectors=("model.multi_modal_projector",),
         image_budget=_budget.longest_edge,
         pad_token_candidates=("<pad>",),
-        patches={"rms_norm": "rms", "mlp": "swiglu",
+        patches={"rms_norm": "rms", "rope": True, "mlp": "swiglu",
                  # MLP output only enters the residual add: PatchOptions.mlp_lean_recompute (training/lean_mlp.py)
                  "lean_mlp": ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")},
     )

@@ -25,7 +25,7 @@ MLLAMA = register_arch(
         projectors=("model.multi_modal_projector",),
         image_budget=_budget.tiles,
         pad_token_candidates=("<|finetune_right_pad_id|>",),
-        patches={"rms_norm": "rms", "mlp": "swiglu",
+        patches={"rms_norm": "rms", "rope": True, "mlp": "swiglu",
                  # PatchOptions.cross_attention_split: the text cross-attention over the visible keys only
                  "cross_attention_split": (("TextCrossAttention", cross_attention_forward),
                                            ("TextModel", text_model_forward)),
