@@ -135,10 +135,12 @@ def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         return original_forward(self)(hidden_states, cross_attention_states, *args, attention_mask=attention_mask,
                                       **kwargs)
     bsz, q_len, _ = hidden_states.shape
-    q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2))
-    k = self.k_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+    # q_norm / k_norm normalise each head's row: applied before the transpose (as stock does after it) they read
+    # and write contiguous rows, and the varlen call below takes q in that [B, S, H, D] layout without a copy
+    q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+    k = self.k_norm(self.k_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim))
+    k = k.transpose(1, 2)
     v = self.v_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-    k = self.k_norm(k)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
     out = split_cross_attention(q, k, v, compact, self.scaling)
     return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None

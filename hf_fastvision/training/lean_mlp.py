@@ -122,13 +122,16 @@ def _meta_key(x: torch.Tensor) -> tuple:
 def _chunked(mlp: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], chunk: int) -> torch.Tensor:
     """``down(op(gate(x), up(x)))`` over chunks of rows (the output of a forward whose intermediates die here)."""
     rows = x.reshape(-1, x.shape[-1])
-    out = None
-    for start in range(0, rows.shape[0], chunk):
-        piece = rows[start : start + chunk]
-        y = mlp.down_proj(op(mlp.gate_proj(piece), mlp.up_proj(piece)))
-        if out is None:
-            out = y.new_empty(rows.shape[0], y.shape[-1])
-        out[start : start + chunk] = y
+    if rows.shape[0] <= chunk:  # one chunk: its output is the output (no copy into a buffer)
+        out = mlp.down_proj(op(mlp.gate_proj(rows), mlp.up_proj(rows)))
+    else:
+        out = None
+        for start in range(0, rows.shape[0], chunk):
+            piece = rows[start : start + chunk]
+            y = mlp.down_proj(op(mlp.gate_proj(piece), mlp.up_proj(piece)))
+            if out is None:
+                out = y.new_empty(rows.shape[0], y.shape[-1])
+            out[start : start + chunk] = y
     mlp.__dict__.setdefault(_OUT, {})[_meta_key(x)] = (out.shape[-1], out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -166,7 +169,7 @@ class _LeanMLPFunction(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     dx, grads = _backward_autograd(mlp, op, params, n_up, x, grad_out, chunk, need_x)
-        return (dx.view_as(x) if need_x else None, None, None, None, None, None, *grads)
+        return (dx.reshape(x.shape) if need_x else None, None, None, None, None, None, *grads)
 
 
 def _backward_fused(mlp, op, act_grads, parts, params, x, grad_out, chunk, need_x):
@@ -177,7 +180,7 @@ def _backward_fused(mlp, op, act_grads, parts, params, x, grad_out, chunk, need_
     from hf_fastvision.kernels.lora_linear_4bit import lora_linear_4bit_grads
 
     rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-    dx = torch.empty_like(rows) if need_x else None
+    dx = torch.empty_like(rows) if need_x and rows.shape[0] > chunk else None
     total: dict[int, torch.Tensor] = {}
     gate, up, down = parts
     for start in range(0, rows.shape[0], chunk):
@@ -194,7 +197,9 @@ def _backward_fused(mlp, op, act_grads, parts, params, x, grad_out, chunk, need_
         _accumulate(total, gate, found)
         dx_up, *found = lora_linear_4bit_grads(xc, *up, d_up, need_x=need_x)
         _accumulate(total, up, found)
-        if need_x:
+        if need_x and dx is None:  # one chunk: its gradient is the gradient (in the input's dtype, as a copy gives)
+            dx = dx_gate.add_(dx_up).to(rows.dtype)
+        elif need_x:
             dx[start : start + chunk] = dx_gate.add_(dx_up)
     return dx, [total.get(id(p)) for p in params]
 

@@ -86,6 +86,22 @@ def test_a_checkpointed_4bit_lora_step_equals_the_plain_mlp(name, tiny_checkpoin
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
+def test_one_chunk_returns_its_own_output_and_gradient(name, tiny_checkpoint, monkeypatch):
+    """Rows that fit one chunk (the default chunk at these sizes): no buffer, no copy, the same values."""
+    folder = str(tiny_checkpoint(name))
+    _, loss_ref, grads_ref = lora_step(folder, name, PLAIN, dtype=torch.float32)
+    spy = _Spy(monkeypatch)
+    copies = []
+    real_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: copies.append(a) or real_empty(t, *a, **k))
+    model, loss, grads = lora_step(folder, name, LEAN, dtype=torch.float32)
+    n_lean = sum("_hffv_lean_chunk" in m.__dict__ for m in model.modules())
+    assert spy.graph_free == n_lean > 0 and spy.lora_grads == 3 * n_lean  # one chunk each: down, gate, up once
+    assert not copies  # `_chunked` made no output buffer
+    _assert_same(loss, grads, loss_ref, grads_ref)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
 def test_the_autograd_backward_equals_it_too(name, tiny_checkpoint, monkeypatch):
     """An activation op without a graph-free backward: autograd per chunk, `down`'s backward still fused."""
     folder = str(tiny_checkpoint(name))
