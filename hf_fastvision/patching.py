@@ -25,7 +25,7 @@ path) are left as they are.
   multiplies, negation and concatenation. Only the copy bound on this instance sees the kernel; the modeling module's
   globals are read once, at patch time.
 - `vision_attention`: the spec's own forward for its vision attention modules (Qwen-VL: chunks of equal length
-  in one SDPA call instead of one call per window).
+  in one SDPA call instead of one call per window; with `rope` on, its rotary through the fused kernel too).
 - `fused_loss`: with `labels`, the top model's forward runs with `logits_to_keep=1` and the loss is computed
   from the final hidden states by the chunked linear + cross-entropy, so full `[tokens, vocab]` logits are never
   materialised. The returned `logits` then hold the last position only.
@@ -329,7 +329,9 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
         if not _under(name, scope):
             continue
         if attention and _under(name, roots.vision) and type(module).__name__.endswith(attention[0]):
-            counts["vision_attention"] += _bind(module, "vision_attention", attention[1])
+            if _bind(module, "vision_attention", attention[1]):
+                counts["vision_attention"] += 1
+                module.__dict__["_hffv_rope"] = rope  # the spec's forward reads it (fused rotary where it has one)
             continue
         if states and _under(name, roots.vision) and type(module).__name__.endswith(states[0]):
             if states[2](module, name, model):  # the spec's own check (and set-up) for this instance

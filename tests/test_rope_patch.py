@@ -1,5 +1,6 @@
 """The `rope` patch: each text attention of a named architecture runs transformers' own forward with its
-`apply_rotary_pos_emb` resolved to the fused kernel (Triton, here under the interpreter). Same logits and gradients
+`apply_rotary_pos_emb` resolved to the fused kernel (Triton, here under the interpreter), and the Qwen-VL towers'
+grouped vision attention takes the kernel for its rotary. Same logits and gradients
 as with the flag off; the kernel runs once per self-attention layer and forward; transformers' modules are not
 touched (a second, unpatched model of the same class still calls the stock function); unpatch restores."""
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from hf_fastvision import AutoFastVisionModel
+from hf_fastvision.archs._vision_attention import grouped_chunk_attention_forward
 from hf_fastvision.archs.tiny import NAMED_TINY_TYPES, sample_batch, tiny_processor
 from hf_fastvision.kernels import rope as rope_kernels
 from hf_fastvision.patching import _with_global, patched_modules, unpatch
@@ -56,7 +58,11 @@ def test_rope_patch_matches_the_stock_rotary_and_runs_the_kernel(name, tiny_chec
     batch = sample_batch(tiny_processor(name), name, n=2)
     stock.train(), fast.train()
     out_stock, out_fast = stock(**batch), fast(**batch)
-    assert len(calls) == (len(expected) if kernel_runs else 0), (len(calls), expected)  # stock never reaches it
+    # the Qwen-VL towers' grouped attention takes the kernel for its rotary too (one call per vision layer)
+    vision = [n for n, k in kinds.items()
+              if k == "vision_attention" and fast.get_submodule(n).forward.__func__ is grouped_chunk_attention_forward]
+    assert bool(vision) == name.startswith("qwen"), vision
+    assert len(calls) == (len(expected) + len(vision) if kernel_runs else 0), (len(calls), expected, vision)
     assert_close(out_fast.loss, out_stock.loss, dtype=torch.float32)
     out_stock.loss.backward()
     out_fast.loss.backward()

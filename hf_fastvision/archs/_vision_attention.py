@@ -37,7 +37,10 @@ def grouped_chunk_attention_forward(
 
         return original_forward(self)(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
                                       max_seqlen=max_seqlen, **kwargs)
-    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    if self.__dict__.get("_hffv_rope"):  # the `rope` patch flag: the fused kernel (same fp32 math)
+        from hf_fastvision.kernels.rope import apply_rotary_pos_emb_vision as rope
+    else:
+        rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     seq = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings

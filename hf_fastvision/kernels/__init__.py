@@ -21,6 +21,8 @@ from .rope import (
     apply_multimodal_rotary_pos_emb_ref,
     apply_rotary_pos_emb,
     apply_rotary_pos_emb_ref,
+    apply_rotary_pos_emb_vision,
+    apply_rotary_pos_emb_vision_ref,
     combine_mrope_ref,
     mrope_axis_map,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "RoPEFunction",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_ref",
+    "apply_rotary_pos_emb_vision",
+    "apply_rotary_pos_emb_vision_ref",
     "apply_multimodal_rotary_pos_emb",
     "apply_multimodal_rotary_pos_emb_ref",
     "combine_mrope_ref",

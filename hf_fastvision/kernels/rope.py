@@ -36,6 +36,8 @@ __all__ = [
     "RoPEFunction",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_ref",
+    "apply_rotary_pos_emb_vision",
+    "apply_rotary_pos_emb_vision_ref",
     "apply_multimodal_rotary_pos_emb",
     "apply_multimodal_rotary_pos_emb_ref",
     "combine_mrope_ref",
@@ -61,6 +63,15 @@ def apply_rotary_pos_emb_ref(q, k, cos, sin, unsqueeze_dim: int = 1):
     q_embed = (q * cos) + (rotate_half(q) * sin)
     k_embed = (k * cos) + (rotate_half(k) * sin)
     return q_embed, k_embed
+
+
+def apply_rotary_pos_emb_vision_ref(q, k, cos, sin):
+    """Pure torch, identical to the Qwen-VL vision towers' ``apply_rotary_pos_emb_vision``: ``q``/``k``
+    ``[seq, heads, head_dim]``, ``cos``/``sin`` ``[seq, head_dim]``, computed in fp32, returned in q/k's dtype."""
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q_embed = q.float() * cos + rotate_half(q.float()) * sin
+    k_embed = k.float() * cos + rotate_half(k.float()) * sin
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
 def _check_mrope_section(head_dim: int, mrope_section: Sequence[int]) -> list[int]:
@@ -180,12 +191,24 @@ def _rope_kernel(
                 c1, c2, s1, s2, d, dmask, BLOCK_H=BLOCK_KH)
 
 
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty dense tensor with `t`'s shape and dimension order (outermost = largest stride). Unlike
+    `empty_like`, also for a strided slice (q out of a fused qkv): the output is then contiguous in the caller's
+    layout, not in this view's."""
+    order = sorted(range(t.dim()), key=lambda i: (t.stride(i), t.shape[i]), reverse=True)
+    strides, step = [0] * t.dim(), 1
+    for i in reversed(order):
+        strides[i] = step
+        step *= t.shape[i]
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+
+
 def _launch(q, k, cos4, sin4, axis, backward: bool):
     """q, k: [B, H, S, D] (any strides); cos4/sin4: [A, B, S, D] views with equal strides."""
     bsz, n_qh, seq, head_dim = q.shape
     n_kh = k.shape[1]
-    q_out = torch.empty_like(q)
-    k_out = torch.empty_like(k)
+    q_out = _dense_like(q)
+    k_out = _dense_like(k)
     half = head_dim // 2
     n_prog = bsz * seq
     if n_prog == 0:
@@ -286,6 +309,15 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     if use_triton(q, k, cos, sin):
         return _apply_triton(q, k, cos, sin, unsqueeze_dim, None)
     return apply_rotary_pos_emb_ref(q, k, cos, sin, unsqueeze_dim)
+
+
+def apply_rotary_pos_emb_vision(q, k, cos, sin):
+    """Drop-in for the Qwen-VL vision towers' ``apply_rotary_pos_emb_vision`` (``[seq, heads, head_dim]``, fp32
+    math, q/k's dtype out): one Triton pass per tensor and direction, on CUDA / under the interpreter."""
+    if use_triton(q, k, cos, sin):
+        qo, ko = _apply_triton(q[None], k[None], cos[None], sin[None], 2, None)
+        return qo[0], ko[0]
+    return apply_rotary_pos_emb_vision_ref(q, k, cos, sin)
 
 
 def apply_multimodal_rotary_pos_emb(

@@ -11,10 +11,12 @@ from hf_fastvision.kernels import (
     apply_multimodal_rotary_pos_emb_ref,
     apply_rotary_pos_emb,
     apply_rotary_pos_emb_ref,
+    apply_rotary_pos_emb_vision,
+    apply_rotary_pos_emb_vision_ref,
     combine_mrope_ref,
     mrope_axis_map,
 )
-from hf_fastvision.kernels.rope import _apply_triton
+from hf_fastvision.kernels.rope import _apply_triton, _dense_like
 from hf_fastvision.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -86,6 +88,40 @@ def test_rope_unused_output_grad(device):
     apply_rotary_pos_emb_ref(qr, kr, cos, sin)[0].pow(2).sum().backward()
     assert_close(qt.grad, qr.grad, dtype=torch.float32)
     assert kt.grad is None or torch.count_nonzero(kt.grad) == 0
+
+
+# ----------------------------------------------------------------------------- vision RoPE (Qwen-VL towers)
+def _vision_qk(seq, heads, head_dim, dtype, device):
+    """q and k as the vision attention takes them: strided slices of one fused qkv projection."""
+    qkv = torch.randn(seq, 3 * heads * head_dim, device=device, dtype=dtype)
+    q, k, _ = qkv.reshape(seq, 3, heads, head_dim).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = _cos_sin(torch.arange(seq, device=device), head_dim, torch.float32, device)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq,heads,head_dim", [(7, 3, 10), (16, 2, 80)])
+def test_vision_rope_matches_transformers(compare, device, dtype, seq, heads, head_dim):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    q, k, cos, sin = _vision_qk(seq, heads, head_dim, dtype, device)
+    expected = modeling_qwen2_5_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    for a, b in zip(apply_rotary_pos_emb_vision_ref(q, k, cos, sin), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    outs, _ = compare(apply_rotary_pos_emb_vision, apply_rotary_pos_emb_vision_ref, (q, k, cos, sin), dtype=dtype,
+                      grad_args=(0, 1))
+    # the outputs are contiguous [seq, heads, head_dim] (the attention reshapes them without a copy)
+    assert all(o.is_contiguous() for o in outs), [o.stride() for o in outs]
+
+
+def test_dense_like_keeps_the_dimension_order():
+    base = torch.empty(4, 5, 6)
+    for view in (base, base.transpose(0, 1), base[:, :, :3], base.permute(2, 0, 1)[1:]):
+        out = _dense_like(view)
+        rank = sorted(range(view.dim()), key=lambda i: -view.stride(i))
+        assert out.shape == view.shape and sorted(range(out.dim()), key=lambda i: -out.stride(i)) == rank
+        assert out.is_contiguous() == (rank == list(range(view.dim())))  # a slice in row order: contiguous
+        assert out.untyped_storage().nbytes() == view.numel() * view.element_size()  # dense
 
 
 # ----------------------------------------------------------------------------- M-RoPE
