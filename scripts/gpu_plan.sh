@@ -172,7 +172,7 @@ case "${1:-}" in
       --out "$out/profile_8192" 2>&1 | tail -2 ;;
   rope_ab)  # ~8 minutes: the rope patch (seventh session, on by default, unmeasured): GPU tests of the kernel and
     # of real graphs with it, then ours with rope off and on (default) on both models at 2048+8192
-    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py tests/test_rope_patch.py \
+    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_rope_patch_gpu.py \
       2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
     for m in llama32_11b_vision qwen2_5_vl_7b; do
       python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
