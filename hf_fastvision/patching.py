@@ -73,7 +73,8 @@ class PatchOptions:
     """Fused RMSNorm (forward and backward in one kernel each)."""
     rope: bool = True
     """The text attention's rotary embedding through the fused RoPE kernel (transformers' attention forward, with
-    its `apply_rotary_pos_emb` resolved to `kernels.rope.apply_rotary_pos_emb`)."""
+    its `apply_rotary_pos_emb` resolved to `kernels.rope.apply_rotary_pos_emb`), and the Qwen-VL towers' (the
+    spec's vision-attention forward, `kernels.rope.apply_rotary_pos_emb_vision`). Not yet measured on a GPU."""
     mlp: bool = True
     """Fused SwiGLU / GeGLU activation of gated MLPs."""
     vision_mlp: bool = True
