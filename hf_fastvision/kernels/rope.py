@@ -290,6 +290,19 @@ def _to_bhsd(t, unsqueeze_dim):
     raise ValueError(f"unsqueeze_dim must be 1 ([B,H,S,D]) or 2 ([B,S,H,D]), got {unsqueeze_dim}")
 
 
+_AXIS_TENSORS: dict[tuple, torch.Tensor] = {}
+
+
+def _axis_tensor(axis: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The per-frequency axis map on `device`, built once per (map, device): a host-to-device copy per call would
+    be a sync inside a CUDA graph capture."""
+    key = (axis, str(device))
+    found = _AXIS_TENSORS.get(key)
+    if found is None:
+        found = _AXIS_TENSORS[key] = torch.tensor(axis, dtype=torch.int32, device=device)
+    return found
+
+
 def _apply_triton(q, k, cos, sin, unsqueeze_dim, axis_list):
     qb, kb = _to_bhsd(q, unsqueeze_dim), _to_bhsd(k, unsqueeze_dim)
     bsz, _, seq, head_dim = qb.shape
@@ -297,9 +310,7 @@ def _apply_triton(q, k, cos, sin, unsqueeze_dim, axis_list):
         raise ValueError(f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}")
     n_axes = 1 if axis_list is None else 3
     cos4, sin4 = _prep_tables(cos, sin, bsz, seq, head_dim, n_axes)
-    axis = None
-    if axis_list is not None:
-        axis = torch.tensor(axis_list, dtype=torch.int32, device=q.device)
+    axis = None if axis_list is None else _axis_tensor(tuple(axis_list), q.device)
     qo, ko = RoPEFunction.apply(qb, kb, cos4, sin4, axis)
     return _to_bhsd(qo, unsqueeze_dim), _to_bhsd(ko, unsqueeze_dim)
 

@@ -204,3 +204,12 @@ def test_mrope_matches_transformers(device, dtype, variant, head_dim, section):
     fused = apply_multimodal_rotary_pos_emb(q, k, cos3, sin3, section, interleaved)  # Triton here
     for a, b in zip(fused, expected):
         assert_close(a, b, dtype=dtype)
+
+
+def test_the_mrope_axis_map_is_built_once_per_device(device):
+    from hf_fastvision.kernels.rope import _axis_tensor
+
+    axis = tuple(mrope_axis_map(16, [4, 2, 2]))
+    first = _axis_tensor(axis, torch.device(device))
+    assert _axis_tensor(axis, torch.device(device)) is first  # no host-to-device copy per call (CUDA graphs)
+    assert first.tolist() == list(axis) and first.dtype == torch.int32
