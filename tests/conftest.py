@@ -43,3 +43,22 @@ def tiny_checkpoint(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """``script_module("memory_peak")``: a file of ``scripts/`` imported as a module (each name loaded once)."""
+    import importlib.util
+
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load

@@ -42,17 +42,8 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
     assert "| tiny qwen2_5_vl | 128 | ours |" in table and "| tiny qwen2_5_vl | 128 | hf |" in table
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_qlora_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_row_with_only_the_warm_up_step_reports_no_step_time():
-    steady_step = _bench_module().steady_step
+def test_a_row_with_only_the_warm_up_step_reports_no_step_time(script_module):
+    steady_step = script_module("bench_qlora").steady_step
     # Unsloth's first Llama step compiled for 89 s and the budget ended there: that is not a step time
     step_s, median_of, status, err = steady_step([89.5], 6, "ok", "time budget: 1 of 6 steps")
     assert (step_s, median_of, status) == (None, "step 1", "incomplete") and "only step 1 of 6" in err

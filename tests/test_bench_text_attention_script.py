@@ -4,22 +4,11 @@ input gradients; the FLOP count is the causal one. The timings are a GPU matter 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_text_attention.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_text_attention_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_cpu_variant_matches_the_default_dispatch(tmp_path):
-    bta = _module()
+def test_every_cpu_variant_matches_the_default_dispatch(tmp_path, script_module):
+    bta = script_module("bench_text_attention")
     assert bta.main(["--device", "cpu", "--seqs", "33", "48", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                      "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "text_attention.json").read_text())["rows"]
@@ -32,6 +21,6 @@ def test_every_cpu_variant_matches_the_default_dispatch(tmp_path):
     assert "| 48 | math_repeat |" in (tmp_path / "text_attention.md").read_text()
 
 
-def test_the_flop_count_is_the_lower_triangle():
+def test_the_flop_count_is_the_lower_triangle(script_module):
     # QK^T and PV: 2 matmuls x 2 FLOPs per multiply-add, over half of the seq x seq scores
-    assert _module().causal_flops(1, 32, 8192, 128) == 4.0 * 32 * 8192 * 8192 * 128 / 2
+    assert script_module("bench_text_attention").causal_flops(1, 32, 8192, 128) == 4.0 * 32 * 8192 * 8192 * 128 / 2

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_peak.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("memory_peak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _frame(path, line, name):
     return {"filename": path, "line": line, "name": name}
 
 
-def test_peak_composition_finds_the_peak_and_what_is_alive_then():
-    mp = _module()
+def test_peak_composition_finds_the_peak_and_what_is_alive_then(script_module):
+    mp = script_module("memory_peak")
     ours = [_frame("/x/site-packages/torch/nn/functional.py", 10, "linear"),
             _frame("/work/main/hf_fastvision/kernels/lora_linear_4bit.py", 52, "_forward")]
     hf = [_frame("/x/site-packages/transformers/models/mllama/modeling_mllama.py", 190, "forward")]
@@ -44,16 +31,16 @@ def test_peak_composition_finds_the_peak_and_what_is_alive_then():
     assert (size, blocks, frames) == (60, 1, ["hf_fastvision/kernels/lora_linear_4bit.py:52:_forward"])
 
 
-def test_site_falls_back_to_the_innermost_frame():
-    mp = _module()
+def test_site_falls_back_to_the_innermost_frame(script_module):
+    mp = script_module("memory_peak")
     assert mp.site_of([_frame("/usr/lib/python3/threading.py", 5, "run")]) == "threading.py:5:run"
     assert mp.site_of([]) == "?"
 
 
-def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor():
+def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor(script_module):
     import torch
 
-    mp = _module()
+    mp = script_module("memory_peak")
     w = torch.randn(4, 4, requires_grad=True)
     x = torch.randn(3, 4)
     kept = x * 2  # saved by the matmul below (w needs a gradient, so its other operand is kept)
@@ -63,8 +50,8 @@ def test_saved_by_names_the_autograd_nodes_that_keep_a_tensor():
     assert mp.saved_by(loss.grad_fn, torch.randn(2).untyped_storage().data_ptr()) == []
 
 
-def test_reserved_is_summed_per_pool_and_stream():
-    mp = _module()
+def test_reserved_is_summed_per_pool_and_stream(script_module):
+    mp = script_module("memory_peak")
     blocks = [{"size": 40, "state": "inactive"}, {"size": 60, "state": "active_allocated"}]
     segments = [
         {"segment_pool_id": (0, 0), "stream": 0, "total_size": 100, "allocated_size": 60, "blocks": blocks},
