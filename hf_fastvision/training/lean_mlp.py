@@ -197,8 +197,8 @@ def _backward_fused(mlp, op, act_grads, parts, params, x, grad_out, chunk, need_
         _accumulate(total, gate, found)
         dx_up, *found = lora_linear_4bit_grads(xc, *up, d_up, need_x=need_x)
         _accumulate(total, up, found)
-        if need_x and dx is None:  # one chunk: its gradient is the gradient (in the input's dtype, as a copy gives)
-            dx = dx_gate.add_(dx_up).to(rows.dtype)
+        if need_x and dx is None:  # one chunk: its gradient is the gradient (already in the input's dtype)
+            dx = dx_gate.add_(dx_up)
         elif need_x:
             dx[start : start + chunk] = dx_gate.add_(dx_up)
     return dx, [total.get(id(p)) for p in params]
