@@ -32,6 +32,18 @@ mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/gpu_plan_out}
 mkdir -p "$out"
+# ours with one patch off (the JSON $1), then with the defaults, on both models at 2048+8192: an A/B of patch $2,
+# with budgets $3 (off, builds the folders) and $4 (on) seconds per model
+ours_off_on() {
+  for m in llama32_11b_vision qwen2_5_vl_7b; do
+    python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget "$3" \
+      --ours-patches "$1" --out /tmp/ab_off_$m > /dev/null 2>&1
+    python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget "$4" \
+      --out /tmp/ab_on_$m > /dev/null 2>&1
+    cp /tmp/ab_off_$m/results.csv "$out/${m}_$2_off.csv"; cp /tmp/ab_on_$m/results.csv "$out/${m}_$2_on.csv"
+    grep "| ours" /tmp/ab_off_$m/results.md /tmp/ab_on_$m/results.md | cut -c1-200
+  done
+}
 case "${1:-}" in
   first)  # the quick ones in one call (about 4 minutes): GPU tests, the attention microbench, the nf4 kernel
     timeout 240 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
@@ -172,27 +184,13 @@ case "${1:-}" in
       --out "$out/profile_8192" 2>&1 | tail -2 ;;
   rope_ab)  # ~8 minutes: the rope patch (seventh session, on by default, unmeasured): GPU tests of the kernel and
     # of real graphs with it, then ours with rope off and on (default) on both models at 2048+8192
-    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_rope_patch_gpu.py \
-      2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
-    for m in llama32_11b_vision qwen2_5_vl_7b; do
-      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
-        --ours-patches '{"rope": false}' --out /tmp/r_off_$m > /dev/null 2>&1
-      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 90 \
-        --out /tmp/r_on_$m > /dev/null 2>&1
-      cp /tmp/r_off_$m/results.csv "$out/${m}_rope_off.csv"; cp /tmp/r_on_$m/results.csv "$out/${m}_rope_on.csv"
-      grep "| ours" /tmp/r_off_$m/results.md /tmp/r_on_$m/results.md | cut -c1-200
-    done ;;
+    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py \
+      tests/gpu/test_rope_patch_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    ours_off_on '{"rope": false}' rope 150 90 ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
-    for m in llama32_11b_vision qwen2_5_vl_7b; do
-      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
-        --ours-patches '{"mlp_lean_recompute": false}' --out /tmp/la_off_$m > /dev/null 2>&1
-      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
-        --out /tmp/la_on_$m > /dev/null 2>&1
-      cp /tmp/la_off_$m/results.csv "$out/${m}_lean_off.csv"; cp /tmp/la_on_$m/results.csv "$out/${m}_lean_on.csv"
-      grep "| ours" /tmp/la_off_$m/results.md /tmp/la_on_$m/results.md | cut -c1-200
-    done ;;
+    ours_off_on '{"mlp_lean_recompute": false}' lean 120 100 ;;
   lean_chunks)  # ~6 minutes: the lean MLP with 2048-token chunks (more dequantization, a smaller peak) at 8192
     for m in llama32_11b_vision qwen2_5_vl_7b; do
       python scripts/bench_qlora.py --model $m --seqs 8192 --systems ours --steps 5 --budget 120 \
