@@ -86,9 +86,10 @@ class PatchOptions:
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
     """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
-    vision_attention_split: bool = True
-    """Mllama's vision attention as the exact maskless split, one flash varlen call
-    (`archs/_mllama_vision_attention.py`; 0.728 -> 0.637 s per Llama-3.2-11B-Vision step on an H200). Needs
+    vision_attention_split: bool | str = True
+    """Mllama's vision attention as the exact maskless split (`archs/_mllama_vision_attention.py`; 0.728 -> 0.637 s
+    per Llama-3.2-11B-Vision step on an H200, as one flash varlen call). Where every image of the batch has the
+    same count of real patches, two dense SDPA calls; else, or with ``"varlen"``, the one varlen call. Needs
     `vision_attention` on too."""
     cross_attention_split: bool = True
     """Mllama's text cross-attention without its [S, V] mask: one flash varlen call over the visible keys, where
@@ -108,6 +109,11 @@ class PatchOptions:
     """Capture each layer's backward graph at its first backward, not during the forward. Opt-in: measured worse
     (Llama-3.2-11B-Vision, H200, seq 2048: peak 9.14 vs 8.82 GiB; the backward-time capture also holds the
     accumulating LoRA grads and every layer's checkpoint)."""
+
+    def __post_init__(self) -> None:
+        if self.vision_attention_split not in (True, False, "varlen"):
+            raise ValueError(f"vision_attention_split must be True, False or 'varlen', got "
+                             f"{self.vision_attention_split!r}")
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -333,6 +339,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             if _bind(module, "vision_attention", attention[1]):
                 counts["vision_attention"] += 1
                 module.__dict__["_hffv_rope"] = rope  # the spec's forward reads it (fused rotary where it has one)
+                module.__dict__["_hffv_split_varlen"] = opts.vision_attention_split == "varlen"
             continue
         if states and _under(name, roots.vision) and type(module).__name__.endswith(states[0]):
             if states[2](module, name, model):  # the spec's own check (and set-up) for this instance

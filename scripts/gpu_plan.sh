@@ -184,9 +184,9 @@ case "${1:-}" in
       --out "$out/profile_8192" 2>&1 | tail -2 ;;
   rope_ab)  # ~8 minutes: the rope patch (seventh session, on by default, unmeasured): GPU tests of the kernel and
     # of real graphs with it, then ours with rope off and on (default) on both models at 2048+8192
-    timeout 120 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py \
+    timeout 100 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py \
       tests/gpu/test_rope_patch_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
-    ours_off_on '{"rope": false}' rope 150 90 ;;
+    ours_off_on '{"rope": false}' rope 130 90 ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"

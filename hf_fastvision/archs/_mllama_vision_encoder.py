@@ -10,7 +10,7 @@ moment was the peak of our whole QLoRA step at seq 2048 (``scripts/memory_peak.p
 Layers that checkpoint already save (or offload) their own input for the recompute, so the other outputs serve
 no one. Where every layer runs the split attention (`_mllama_vision_attention`), the encoder also hands the layers
 the mask's ``[B, L]`` diagonal instead of the ``[B, 1, L, L]`` mask (checked to have the split form, one host sync
-per call): checkpointed and graphed layers then save and copy that, not 0.08 GiB per encoder. The patched forward runs the same layers in the same order with the same arguments, so the values are
+per call), with each image's count of real patches (`with_real_counts`): checkpointed and graphed layers then save and copy that, not 0.08 GiB per encoder. The patched forward runs the same layers in the same order with the same arguments, so the values are
 identical. Its ``hidden_states`` tuple has the stock length and holds the outputs at the read indices; the other
 entries are ``None``. Which indices are read is fixed when the patch is bound, from the owning vision model.
 """
@@ -57,11 +57,11 @@ def lean_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attention
     keep = self.__dict__[_KEEP]
     mask = attention_mask
     if _split_ready(self) and not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
-        from hf_fastvision.archs._mllama_vision_attention import compact_vision_mask
+        from hf_fastvision.archs._mllama_vision_attention import compact_vision_mask, with_real_counts
 
         compact = compact_vision_mask(attention_mask)
         if compact is not None:  # the layers get the [B, L] diagonal; nothing saves or copies the [B, 1, L, L] mask
-            mask = compact
+            mask = with_real_counts(compact)  # and each image's count of real patches (the split's shapes)
     states: list[torch.Tensor | None] = []
     for i, layer in enumerate(self.layers):
         hidden_states = layer(hidden_states, attention_mask=mask, **kwargs)

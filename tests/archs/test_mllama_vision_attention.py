@@ -114,3 +114,54 @@ def test_a_varlen_attn_without_scale_gets_the_scale_folded_into_q(monkeypatch):
     for scale in (8**-0.5, 0.3):
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         torch.testing.assert_close(split_attention(q, k, v, real, scale, kernel), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("valid_tiles", [[1], [4], [2, 2], [0]])
+def test_the_dense_split_equals_masked_sdpa_with_gradients(valid_tiles):
+    """The two dense calls (every image with the same count of real patches) compute the masked call too."""
+    from hf_fastvision.archs._mllama_vision_attention import dense_split_attention, real_first
+
+    mask, real = vision_mask(valid_tiles, tiles=4, patches=9, padded=3)
+    n_real = {int(n) for n in real.sum(-1)}.pop()
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(len(valid_tiles), 2, real.shape[1], 8, requires_grad=True) for _ in range(3))
+    scale = 8**-0.5
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    perm, inv = real_first(real)
+
+    def rows(t):
+        return torch.take_along_dim(t.transpose(1, 2), perm[:, :, None, None], dim=1)
+
+    out = dense_split_attention(rows(q), rows(k), rows(v), n_real, scale)
+    got = torch.take_along_dim(out, inv[:, :, None, None], dim=1).transpose(1, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if n_real:  # (no real patch: same forward, stock q/k gradients differ, see above)
+        grad = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("valid_tiles, dense", [([2, 2], True), ([1, 3], False)])
+@pytest.mark.parametrize("flag", [True, "varlen"])
+def test_the_forward_takes_the_dense_calls_only_for_equal_known_counts(tiny_checkpoint, monkeypatch, valid_tiles,
+                                                                        dense, flag):
+    import hf_fastvision.archs._mllama_vision_attention as va
+
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("mllama"), load_in_16bit=True, dtype=torch.float32,
+                                                patches={"vision_attention_split": flag})
+    attn = _attention_modules(model)[0]
+    calls = []
+    for name in ("dense_split_attention", "varlen_reference"):
+        real_fn = getattr(va, name)
+        monkeypatch.setattr(va, name, lambda *a, _f=real_fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    mask, _ = vision_mask(valid_tiles, tiles=4, patches=5, padded=2)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, mask.shape[-1], attn.q_proj.in_features)
+    with torch.no_grad():
+        expected = type(attn).forward(attn, hidden, attention_mask=mask)[0]
+        got = attn(hidden, attention_mask=va.with_real_counts(va.compact_vision_mask(mask)))[0]
+        plain = attn(hidden, attention_mask=mask)[0]  # the stock mask carries no counts: the varlen call
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-6)
+    first = "dense_split_attention" if dense and flag is True else "varlen_reference"
+    assert calls == [first, "varlen_reference"]

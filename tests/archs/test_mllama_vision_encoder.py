@@ -136,13 +136,21 @@ def test_compact_vision_mask_stands_for_the_stock_mask_exactly():
     assert compact_vision_mask(mask[:, 0]) is None and compact_vision_mask(None) is None
 
 
-def _masks_seen_by_layers(model) -> list[int]:
-    dims = []
+def _masks_seen_by_layers(model) -> list:
+    seen = []
+
+    def form(mask):  # the mask's rank, or for the compact form its rank and the counts of real patches
+        if isinstance(mask, tuple):
+            compact, counts = mask
+            assert torch.equal(counts, (compact == 0).sum(-1).to(counts.dtype)) and counts.dtype == torch.int32
+            return compact.dim(), tuple(counts.tolist())
+        return mask.dim()
+
     for m in model.modules():
         if type(m).__name__ == "MllamaVisionAttention":
-            m.register_forward_pre_hook(lambda mod, args, kw: dims.append(kw["attention_mask"].dim()),
+            m.register_forward_pre_hook(lambda mod, args, kw: seen.append(form(kw["attention_mask"])),
                                         with_kwargs=True)
-    return dims
+    return seen
 
 
 def test_the_encoder_hands_split_layers_the_compact_mask(tiny_checkpoint):
@@ -155,7 +163,9 @@ def test_the_encoder_hands_split_layers_the_compact_mask(tiny_checkpoint):
         with torch.no_grad():
             model(**batch)
         seen[label] = set(dims)
-    assert seen == {"split": {2}, "stock": {4}}
+    assert seen["stock"] == {4} and len(seen["split"]) == 1
+    rank, counts = seen["split"].pop()
+    assert rank == 2 and len(counts) == batch["pixel_values"].shape[0] and min(counts) > 0
 
 
 def test_a_split_layer_falling_back_rebuilds_the_exact_mask(tiny_checkpoint, monkeypatch):
@@ -168,5 +178,6 @@ def test_a_split_layer_falling_back_rebuilds_the_exact_mask(tiny_checkpoint, mon
     monkeypatch.setattr(va, "_attention_dtype", lambda t: None)  # e.g. fp32 on CUDA: the stock path must run
     with torch.no_grad():
         got = attn(x, attention_mask=va.compact_vision_mask(mask))[0]
+        with_counts = attn(x, attention_mask=va.with_real_counts(va.compact_vision_mask(mask)))[0]
         ref = original_forward(attn)(x, attention_mask=mask)[0]
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and torch.equal(with_counts, ref)

@@ -1,6 +1,7 @@
 """The `rope` patch on CUDA (GPU machine): compiled Triton RoPE in the text attention (and the Qwen-VL towers'
-vision attention) of tiny models gives the stock rotary's loss and gradients under bf16 autocast, the kernel runs
-once per attention layer, and the patched attention can be captured in a CUDA graph (no host sync)."""
+vision attention) of tiny models gives the stock rotary's loss under bf16 autocast and gradients as close to fp32
+as the stock rotary's, the kernel runs once per attention layer, and the patched attention can be captured in a
+CUDA graph (no host sync)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _load(folder, patches):
-    return AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, patches=patches).to("cuda").train()
+    # fp32 weights: without autocast the stock model is the fp32 reference
+    return AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32,
+                                               patches=patches).to("cuda").train()
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "gemma3"])
@@ -31,16 +34,22 @@ def test_compiled_rope_matches_the_stock_rotary(name, tiny_checkpoint, monkeypat
     batch = sample_batch(tiny_processor(name), name, n=2)
     batch = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()}
     losses, grads = [], []
-    for model in (stock, fast):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for model, autocast in ((stock, False), (stock, True), (fast, True)):  # fp32 reference, then both in bf16
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
         loss.backward()
         losses.append(loss.float())
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     assert len(calls) >= n_rope
-    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, rtol=5e-2, atol=5e-2, msg=n)
+    ref, stock_bf16, fast_bf16 = grads
+    torch.testing.assert_close(losses[2], losses[1], rtol=2e-2, atol=2e-2)
+    # bf16 rounds q/k differently on each path (the stock rotary twice in bf16, the kernel once from fp32), and the
+    # difference grows through the layers: the kernel's gradients must be as close to fp32 as the stock rotary's
+    for n, g in ref.items():
+        err_fast, err_stock = (fast_bf16[n] - g).norm(), (stock_bf16[n] - g).norm()
+        assert err_fast <= 2 * err_stock + 1e-3 * g.norm() + 1e-6, (n, float(err_fast), float(err_stock),
+                                                                     float(g.norm()))
 
 
 def test_the_rope_kernel_captures_in_a_cuda_graph():
