@@ -91,10 +91,11 @@ class PatchOptions:
     per Llama-3.2-11B-Vision step on an H200, as one flash varlen call). Where every image of the batch has the
     same count of real patches, two dense SDPA calls; else, or with ``"varlen"``, the one varlen call. Needs
     `vision_attention` on too."""
-    cross_attention_split: bool = True
-    """Mllama's text cross-attention without its [S, V] mask: one flash varlen call over the visible keys, where
-    every sample has the one-image mask form (else stock). Llama-3.2-11B-Vision on an H200: 1.479 -> 1.417 s per
-    step at seq 8192, 0.608 -> 0.601 s at 2048 (`scripts/results/h200_2026-12-01e_cross_ab/`)."""
+    cross_attention_split: bool | str = True
+    """Mllama's text cross-attention without its [S, V] mask, where every sample has the one-image mask form (else
+    stock): dense SDPA calls over the visible keys where every sample sees as many, else (or with ``"varlen"``)
+    one flash varlen call. Llama-3.2-11B-Vision on an H200, as the varlen call: 1.479 -> 1.417 s per step at seq
+    8192, 0.608 -> 0.601 s at 2048 (`scripts/results/h200_2026-12-01e_cross_ab/`)."""
     lora: bool = True
     """peft LoRA on bitsandbytes 4-bit linears as one autograd op (bound by `get_peft_model`)."""
     cuda_graphs: bool = True
@@ -111,9 +112,9 @@ class PatchOptions:
     accumulating LoRA grads and every layer's checkpoint)."""
 
     def __post_init__(self) -> None:
-        if self.vision_attention_split not in (True, False, "varlen"):
-            raise ValueError(f"vision_attention_split must be True, False or 'varlen', got "
-                             f"{self.vision_attention_split!r}")
+        for name in ("vision_attention_split", "cross_attention_split"):
+            if getattr(self, name) not in (True, False, "varlen"):
+                raise ValueError(f"{name} must be True, False or 'varlen', got {getattr(self, name)!r}")
 
     @classmethod
     def from_value(cls, value: Any) -> PatchOptions:
@@ -329,6 +330,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
                 forward, kind = match[0]
                 bound = _bind(module, "cross_attention_split", forward)
                 counts["cross_attention"] += int(bound and kind == "attention")
+                module.__dict__["_hffv_split_varlen"] = opts.cross_attention_split == "varlen"
                 continue
         if release and type(module).__name__ == release[0]:
             counts["vision_states"] += _bind(module, "vision_states", release[1])

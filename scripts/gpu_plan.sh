@@ -5,7 +5,7 @@
 #   bash scripts/gpu_plan.sh first      # tests + mva + nf4 below, in one call (start here)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
-#   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (reserved memory after the flush)
+#   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
 #   bash scripts/gpu_plan.sh generate   # bench_generate batch 1 and 8: generate, 4-bit fast_generate, ours (16-bit copy)
 #   bash scripts/gpu_plan.sh llama8k    # Llama-3.2-11B-Vision at 8192: all four systems (the missing cells)
 #   bash scripts/gpu_plan.sh split_four # the split's GPU tests, then (when they pass) all four systems at 2048
@@ -21,6 +21,7 @@
 #   bash scripts/gpu_plan.sh sixth      # GPU tests + ours on both models: what the sixth session built unmeasured
 #   bash scripts/gpu_plan.sh seventh    # load A/B of the device map, a profile of ours at Llama 8192
 #   bash scripts/gpu_plan.sh rope_ab    # the rope patch: GPU tests, then ours with it off/on on both models
+#   bash scripts/gpu_plan.sh dense_ab   # Mllama splits as dense SDPA calls vs the varlen call; ours + Unsloth table
 #   bash scripts/gpu_plan.sh lean_ab    # the lean MLP recompute (default): GPU tests, then off/on on both models at 2048+8192
 #   bash scripts/gpu_plan.sh lean_chunks # the lean MLP with 2048-token chunks at 8192, both models
 #   bash scripts/gpu_plan.sh final_prof # kernel GPU tests, ours + unsloth at 2048+8192, a profile of ours at 8192
@@ -60,7 +61,7 @@ case "${1:-}" in
     tail -5 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
   qwen)
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth --steps 8 \
-      --budget 540 --out /tmp/qwen > /dev/null 2>&1
+      --budget "${BUDGET:-540}" --out /tmp/qwen > /dev/null 2>&1
     cp /tmp/qwen/results.md /tmp/qwen/results.csv /tmp/qwen/workers.log "$out/"
     tail -6 "$out/results.md"; grep "CUDA graphs" "$out/workers.log" ;;
   generate)
@@ -187,6 +188,18 @@ case "${1:-}" in
     timeout 100 python -m pytest -q tests/kernels/test_rope.py tests/gpu/test_cuda_graphs_gpu.py \
       tests/gpu/test_rope_patch_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
     ours_off_on '{"rope": false}' rope 130 90 ;;
+  dense_ab)  # ~9 minutes: GPU tests of the dense split calls and of the rope patch; ours with both Mllama splits as
+    # the one varlen call (the seventh session's code path); then the table run, ours (dense, the default) and Unsloth
+    timeout 80 python -m pytest -q tests/gpu/test_mllama_split_gpu.py tests/gpu/test_rope_patch_gpu.py \
+      tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -12 > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
+      --ours-patches '{"vision_attention_split": "varlen", "cross_attention_split": "varlen"}' --out /tmp/d_varlen \
+      > /dev/null 2>&1
+    cp /tmp/d_varlen/results.csv "$out/ours_varlen.csv"; grep "| ours" /tmp/d_varlen/results.md | cut -c1-200
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth --steps 6 \
+      --budget 350 --out /tmp/d_main > /dev/null 2>&1
+    cp /tmp/d_main/results.md /tmp/d_main/results.csv /tmp/d_main/workers.log "$out/"
+    grep "| Llama\|^| |" "$out/results.md" | cut -c1-200; grep "CUDA graphs" "$out/workers.log" ;;
   lean_ab)  # ~9 minutes: the lean MLP recompute (default) on CUDA graphs, then off/on for both models
     timeout 70 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -8 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
@@ -228,5 +241,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|rope_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac

@@ -14,7 +14,9 @@ the same function is one flash varlen call with three segments per sample, as in
 static, so the layers stay CUDA-graph capturable.
 
 How it is wired: the text model's forward (patched) checks the form once per call, with one host sync, and then
-hands its layers a compact ``int32 [B, 2]`` tensor of ``(p, K)`` instead of the float mask. The patched
+hands its layers a compact ``int32 [B, 2]`` tensor of ``(p, K)`` instead of the float mask; where every sample
+sees the same ``K``, with ``(K, P)`` attached (`with_dense_shape`), and the layers then run dense SDPA calls of
+those static shapes (`dense_cross_attention`, which cuDNN can take) instead of the varlen call. The patched
 cross-attention recognises it; any other call (generation with a cache, dropout, another attention
 implementation) gets the exact stock mask rebuilt from it (`expand`). A mask of another form (several images in
 one sample, a non-prefix tile pattern) is passed on unchanged and runs stock.
@@ -28,18 +30,53 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hf_fastvision.archs._mllama_vision_attention import _attention_dtype, _varlen_kernel
 
 __all__ = ["compact_cross_mask", "expand", "split_cross_attention", "cross_attention_forward",
-           "text_model_forward", "is_compact"]
+           "text_model_forward", "is_compact", "with_dense_shape", "dense_cross_attention", "head_rows"]
 
 _READY = "_hffv_cross_split_ready"
+VARLEN_ONLY = "_hffv_split_varlen"  # set by the patch for ``cross_attention_split="varlen"``
 
 
 def is_compact(mask: Any) -> bool:
+    return _unpack(mask)[0] is not None
+
+
+def _is_pk(mask: Any) -> bool:
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and mask.dim() == 2 and mask.shape[-1] == 2
+
+
+def _unpack(mask: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``((p, K) per sample, dense shape or None)`` of a compact mask (alone or `with_dense_shape`), else Nones."""
+    if _is_pk(mask):
+        return mask, None
+    if (isinstance(mask, tuple) and len(mask) == 2 and _is_pk(mask[0]) and isinstance(mask[1], torch.Tensor)
+            and mask[1].dtype == torch.int32 and mask[1].shape == (2,)):
+        return mask
+    return None, None
+
+
+def head_rows(p: int, rows: int) -> int:
+    """The leading rows the dense call gives every key: ``p`` rounded up to a power of two (at least 64, at most
+    ``rows``), so that CUDA graphs, which key on it, see few distinct values while the image token moves."""
+    return 0 if p <= 0 else min(rows, max(64, 1 << (p - 1).bit_length()))
+
+
+def with_dense_shape(compact: torch.Tensor, rows: int, keys: int) -> Any:
+    """The compact mask with ``int32 [2]`` ``(K, P)`` attached where every sample sees the same ``K`` keys from the
+    image token on (the dense path of `split_cross_attention`; ``P``: `head_rows` of the largest ``p``, 0 when
+    ``K`` is every key); else the compact mask alone. One host sync."""
+    pk = compact.tolist()
+    ks = {k for _, k in pk}
+    if len(ks) != 1:
+        return compact
+    k = ks.pop()
+    shape = (k, 0 if k == keys else head_rows(max(p for p, _ in pk), rows))
+    return compact, torch.tensor(shape, dtype=torch.int32).to(compact.device, non_blocking=True)
 
 
 def compact_cross_mask(mask: torch.Tensor) -> torch.Tensor | None:
@@ -76,9 +113,12 @@ def expand(compact: torch.Tensor, rows: int, keys: int, dtype: torch.dtype) -> t
 
 
 def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compact: torch.Tensor, scale: float,
-                          varlen: Any = None) -> torch.Tensor:
+                          varlen: Any = None, dense: tuple[int, int] | None = None) -> torch.Tensor:
     """``[B, Hq, S, D]`` queries against ``[B, Hkv, V, D]`` keys/values under the mask ``compact`` stands for;
-    returns ``[B, S, Hq, D]`` (the layout transformers' attention functions return)."""
+    returns ``[B, S, Hq, D]`` (the layout transformers' attention functions return). ``dense``: ``(K, P)`` known on
+    the host (`with_dense_shape`): `dense_cross_attention` instead of the varlen call."""
+    if dense is not None:
+        return dense_cross_attention(q, k, v, compact, dense[0], dense[1], scale)
     batch, heads, rows, dim = q.shape
     keys = k.shape[2]
     varlen = varlen or _varlen_kernel(q.device)
@@ -102,6 +142,22 @@ def split_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     return out.reshape(batch, rows, heads, dim)
 
 
+def dense_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compact: torch.Tensor, keys: int,
+                          head: int, scale: float) -> torch.Tensor:
+    """The split as dense SDPA calls, where every sample sees the first ``keys`` keys from its image token ``p``
+    on: every row against those keys, and the first ``head`` rows (``head >= p``, host-known) against all keys,
+    taken for rows ``< p``. Static shapes for a given ``(keys, head)``, and SDPA may take cuDNN, which on an H200
+    ran this head_dim-128 attention at 1.8x flash's rate (`scripts/results/h200_2026-12-02_attention/`).
+    ``[B, S, Hq, D]`` out."""
+    gqa = k.shape[1] != q.shape[1]
+    out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], scale=scale, enable_gqa=gqa)
+    if head:
+        full = F.scaled_dot_product_attention(q[:, :, :head], k, v, scale=scale, enable_gqa=gqa)
+        before = torch.arange(head, device=q.device)[None, :] < compact[:, :1]  # [B, head]: rows that see all keys
+        out = torch.cat([torch.where(before[:, None, :, None], full, out[:, :, :head]), out[:, :, head:]], dim=2)
+    return out.transpose(1, 2)
+
+
 def _accepts_gqa(varlen: Any) -> bool:
     """Whether the varlen kernel takes ``enable_gqa`` (torch's ``varlen_attn`` in newer releases, the reference)."""
     try:
@@ -117,7 +173,7 @@ def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     The cache argument is ``past_key_values`` (transformers 5.17) or ``cache`` (5.24); both pass through."""
     from hf_fastvision.patching import original_forward
 
-    compact = attention_mask if is_compact(attention_mask) else None
+    compact, dense = _unpack(attention_mask)
     dtype = _attention_dtype(hidden_states)
     usable = (
         compact is not None and cross_attention_states is not None and not args
@@ -142,7 +198,13 @@ def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     k = k.transpose(1, 2)
     v = self.v_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
-    out = split_cross_attention(q, k, v, compact, self.scaling)
+    if dense is not None and not self.__dict__.get(VARLEN_ONLY):
+        from hf_fastvision.training.cuda_graphs import host_values
+
+        dense = tuple(host_values(dense))  # one host sync per tensor (cached), none inside a CUDA graph
+    else:
+        dense = None
+    out = split_cross_attention(q, k, v, compact, self.scaling, dense=dense)
     return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None
 
 
@@ -165,7 +227,7 @@ def text_model_forward(self: nn.Module, *args: Any, **kwargs: Any):
             and not (mask.is_cuda and torch.cuda.is_current_stream_capturing())):
         compact = compact_cross_mask(mask)
         if compact is not None:
-            kwargs["cross_attention_mask"] = compact
+            kwargs["cross_attention_mask"] = with_dense_shape(compact, mask.shape[2], mask.shape[3])
     return original_forward(self)(*args, **kwargs)
 
 

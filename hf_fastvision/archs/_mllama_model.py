@@ -65,7 +65,7 @@ def _project(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: tor
 
 def _compact_masks(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(compact mask, full_text_row_masked_out_mask)`` where the cross split will take this call, else None."""
-    from hf_fastvision.archs._mllama_cross_attention import _all_layers_split, compact_cross_mask
+    from hf_fastvision.archs._mllama_cross_attention import _all_layers_split, compact_cross_mask, with_dense_shape
 
     raw = kwargs.get("cross_attention_mask")
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -78,4 +78,4 @@ def _compact_masks(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.
     full, rows = _prepare_cross_attention_mask(raw, num_vision_tokens=model.vision_model.num_patches,
                                                dtype=model.dtype)
     compact = compact_cross_mask(full)
-    return None if compact is None else (compact, rows)
+    return None if compact is None else (with_dense_shape(compact, full.shape[2], full.shape[3]), rows)

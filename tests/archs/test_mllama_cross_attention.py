@@ -144,3 +144,68 @@ def test_a_compact_mask_in_a_call_the_split_does_not_cover_runs_stock_exactly(ti
         got = attn(hidden_states=hidden, cross_attention_states=states, attention_mask=compact)[0]
         ref = original_forward(attn)(hidden_states=hidden, cross_attention_states=states, attention_mask=mask)[0]
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("rows,starts,real", [(9, [3, 0], [1, 1]), (80, [70], [2]), (9, [0], [4]), (9, [2, 5], [3, 3])])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_dense_split_equals_masked_sdpa_forward_and_backward(rows, starts, real, kv_heads):
+    """Every sample sees the same K keys from its image token on: dense calls of host-known shapes (K, P)."""
+    from hf_fastvision.archs._mllama_cross_attention import _unpack, head_rows, with_dense_shape
+
+    torch.manual_seed(1)
+    tiles, heads, dim = 4, 4, 8
+    mask = _stock_mask(_one_image(rows, tiles, starts, real))
+    compact = compact_cross_mask(mask)
+    packed, shape = _unpack(with_dense_shape(compact, rows, tiles * TOKENS))
+    assert packed is compact and shape is not None
+    k_seen, head = shape.tolist()
+    assert k_seen == real[0] * TOKENS
+    p_max = max(p for p, _ in compact.tolist())
+    assert head == (0 if real[0] == tiles else head_rows(p_max, rows)) and (head == 0 or p_max <= head <= rows)
+    q = torch.randn(len(starts), heads, rows, dim, requires_grad=True)
+    k = torch.randn(len(starts), kv_heads, tiles * TOKENS, dim, requires_grad=True)
+    v = torch.randn(len(starts), kv_heads, tiles * TOKENS, dim, requires_grad=True)
+    rep = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
+                                         scale=0.3).transpose(1, 2)
+    got = split_cross_attention(q, k, v, compact, 0.3, dense=(k_seen, head))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_shape_needs_one_key_count_and_buckets_the_head_rows():
+    from hf_fastvision.archs._mllama_cross_attention import head_rows, is_compact, with_dense_shape
+
+    mixed = compact_cross_mask(_stock_mask(_one_image(9, 4, [1, 2], [1, 2])))
+    assert with_dense_shape(mixed, 9, 4 * TOKENS) is mixed and is_compact(mixed)  # K differs: the varlen call
+    assert [head_rows(p, 4096) for p in (0, 1, 63, 64, 65, 300, 5000)] == [0, 64, 64, 64, 128, 512, 4096]
+    assert head_rows(10, 20) == 20
+    assert is_compact(with_dense_shape(compact_cross_mask(_stock_mask(_one_image(9, 4, [1], [1]))), 9, 12))
+    assert not is_compact((mixed, torch.zeros(3, dtype=torch.int32))) and not is_compact((mixed,))
+
+
+@pytest.mark.parametrize("flag,n,path", [(True, 1, "dense"), ("varlen", 1, "varlen"), (True, 2, "varlen")])
+def test_the_model_takes_the_dense_path_for_one_key_count(tiny_checkpoint, monkeypatch, flag, n, path):
+    """One sample: dense calls (unless asked for varlen), also in the vision tower; the tiny batch of two has
+    images of different tile counts: the varlen calls."""
+    import hf_fastvision.archs._mllama_cross_attention as ca
+    import hf_fastvision.archs._mllama_vision_attention as va
+
+    monkeypatch.setattr(ca, "_varlen_kernel", lambda device: varlen_reference)
+    paths, vision = [], []
+    real_split, real_dense = ca.split_cross_attention, va.dense_split_attention
+    monkeypatch.setattr(ca, "split_cross_attention",
+                        lambda *a, **k: paths.append("dense" if k.get("dense") else "varlen") or real_split(*a, **k))
+    monkeypatch.setattr(va, "dense_split_attention", lambda *a, **k: vision.append(1) or real_dense(*a, **k))
+    folder = str(tiny_checkpoint("mllama"))
+    patches = {"cross_attention_split": flag, "vision_attention_split": flag}
+    _, loss_s, grads_s = lora_step(folder, "mllama", patches, dtype=torch.float32, samples=n)
+    _, loss_r, grads_r = lora_step(folder, "mllama", {"cross_attention_split": False,
+                                                      "vision_attention_split": False}, dtype=torch.float32, samples=n)
+    assert paths and set(paths) == {path}
+    assert bool(vision) == (path == "dense")
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-6)
+    for n, g in grads_r.items():
+        torch.testing.assert_close(grads_s[n], g, rtol=1e-4, atol=1e-6, msg=n)

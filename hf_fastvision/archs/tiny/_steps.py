@@ -7,10 +7,10 @@ from typing import Any
 
 def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, autocast: Any = None,
               configure: Any = None, after_lora: Any = None,
-              lora: dict | None = None) -> tuple[Any, Any, dict[str, Any]]:
+              lora: dict | None = None, samples: int = 2) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
-    exercised), run one forward + backward on ``sample_batch`` (under ``autocast``, a torch dtype, when given)
+    exercised), run one forward + backward on ``sample_batch`` of ``samples`` conversations (under ``autocast``, a torch dtype, when given)
     and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on the loaded model before
     LoRA is added, ``after_lora(model)`` on the LoRA model before the step; ``lora`` adds `get_peft_model`
     arguments (e.g. ``finetune_mlp_modules=False``)."""
@@ -34,7 +34,7 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, au
     if after_lora is not None:
         after_lora(model)
     model.train()
-    batch = sample_batch(tiny_processor(name), name, n=2)
+    batch = sample_batch(tiny_processor(name), name, n=samples)
     if autocast is not None:
         with torch.autocast("cpu", dtype=autocast):
             loss = model(**batch).loss
