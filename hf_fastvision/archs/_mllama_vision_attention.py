@@ -150,7 +150,7 @@ def dense_split_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, 
     rows ``:n_real`` over all keys, rows ``n_real:`` over keys ``:n_real``. Static shapes once ``n_real`` is known
     on the host, and SDPA may take cuDNN, which runs head_dim 80 unpadded (the varlen flash call pads it to 96):
     on an H200, fwd+bwd of one Llama-3.2-11B-Vision layer's attention, 1 of 4 tiles, 3.58 ms against 4.05
-    (`scripts/results/h200_2026-12-02_attention/`). ``[batch, L, heads, dim]`` in, a ``[batch, L, heads, dim]``
+    (`scripts/results/h200_2026-12-01h_attention/`). ``[batch, L, heads, dim]`` in, a ``[batch, L, heads, dim]``
     view out."""
     q, k, v = (t.transpose(1, 2) for t in (qp, kp, vp))  # [batch, heads, L, dim] views, as transformers hands SDPA
     length = q.shape[2]

@@ -54,12 +54,11 @@ def test_varlen_split_captures_in_a_cuda_graph():
     torch.testing.assert_close(out, expected)
 
 
-def _dense_vision(q, k, v, real, scale):
+def _dense_vision(q, k, v, real, n_real, scale):  # n_real: known on the host (no sync inside the capture)
     from hf_fastvision.archs._mllama_vision_attention import dense_split_attention, real_first
 
     perm, inv = real_first(real)
     rows = [torch.take_along_dim(t.transpose(1, 2), perm[:, :, None, None], dim=1) for t in (q, k, v)]
-    n_real = int(real.sum(-1)[0])
     out = dense_split_attention(*rows, n_real, scale)
     return torch.take_along_dim(out, inv[:, :, None, None], dim=1).transpose(1, 2)
 
@@ -69,17 +68,18 @@ def test_dense_vision_split_equals_masked_sdpa_and_captures(valid_tiles):
     (q, k, v), mask, real, scale = _case(valid_tiles)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), scale=scale)
-    got = _dense_vision(q, k, v, real, scale)
+    n_real = int(real.sum(-1)[0])
+    got = _dense_vision(q, k, v, real, n_real, scale)
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(got.float(), (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
     with torch.no_grad():
-        expected = _dense_vision(q, k, v, real, scale)
+        expected = _dense_vision(q, k, v, real, n_real, scale)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = _dense_vision(q, k, v, real, scale)
+            out = _dense_vision(q, k, v, real, n_real, scale)
         graph.replay()
         torch.cuda.synchronize()
     torch.testing.assert_close(out, expected)
