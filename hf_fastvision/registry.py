@@ -49,6 +49,10 @@ class ArchSpec:
     """Existing tokens to use as the dedicated pad token, tried in order before adding a new one."""
     checkpoint_layers: tuple[str, ...] = ()
     """Class names of repeated blocks to checkpoint besides transformers' GradientCheckpointingLayer ones."""
+    unused_layer_kwargs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per checkpointed layer class name: keyword arguments its caller passes and its forward never reads.
+    Checkpointing passes None for them while training, so they are not held for the recompute, copied into CUDA
+    graph buffers or part of a graph's key."""
     patches: dict[str, Any] = field(default_factory=dict)
     """Kernel patches this family supports (consumed by `patching.py`)."""
     generic: bool = False

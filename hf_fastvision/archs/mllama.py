@@ -42,6 +42,10 @@ MLLAMA = register_arch(
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream
+        # the text model hands every decoder layer the cross-attention inputs; the self-attention layers ignore them
+        # (and so their CUDA graphs need not key on the cross split's host-known shapes)
+        unused_layer_kwargs={"MllamaSelfAttentionDecoderLayer": ("cross_attention_states", "cross_attention_mask",
+                                                                 "full_text_row_masked_out_mask")},
         notes="max_image_size bounds the number of 560-px tiles per image.",
     )
 )

@@ -89,6 +89,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_hffv_checkpointing"
+_UNUSED_ATTR = "_hffv_unused_kwargs"
 
 _OFFLOAD = "unsloth"
 _PLAIN = "plain"
@@ -125,17 +126,30 @@ def _gc_layer_class() -> type:
     return GradientCheckpointingLayer
 
 
-def _spec_layer_names(model: nn.Module) -> set[str]:
-    """Block classes an architecture spec asks to checkpoint although they are no GradientCheckpointingLayer."""
+def _model_specs(model: nn.Module) -> list[Any]:
+    """The architecture specs of ``model``'s configured submodules (a VLM and its towers may each have one)."""
     from hf_fastvision.registry import get_arch_for_model_type
 
-    names: set[str] = set()
+    specs = []
     for module in model.modules():
         config = getattr(module, "config", None)
         spec = get_arch_for_model_type(getattr(config, "model_type", "")) if config is not None else None
-        if spec is not None:
-            names.update(spec.checkpoint_layers)
-    return names
+        if spec is not None and spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def _spec_layer_names(model: nn.Module) -> set[str]:
+    """Block classes an architecture spec asks to checkpoint although they are no GradientCheckpointingLayer."""
+    return {name for spec in _model_specs(model) for name in spec.checkpoint_layers}
+
+
+def _spec_unused_kwargs(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Layer class name -> keyword arguments its forward never reads (the specs' ``unused_layer_kwargs``)."""
+    unused: dict[str, tuple[str, ...]] = {}
+    for spec in _model_specs(model):
+        unused.update(spec.unused_layer_kwargs)
+    return unused
 
 
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
@@ -423,6 +437,9 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
             )
 
     kwargs = _strip_cache_kwargs(self, dict(kwargs))
+    for name in self.__dict__.get(_UNUSED_ATTR, ()):  # arguments this forward never reads (the spec says which)
+        if kwargs.get(name) is not None:
+            kwargs[name] = None
     manager = state.manager
     manager.stats["checkpointed_calls"] += 1
     anchor = _anchor_for(self, args, kwargs)
@@ -508,7 +525,10 @@ def enable_checkpointing(model: nn.Module, mode: Any = "unsloth", cuda_graphs: A
                    "(plain checkpointing).")
     manager = _existing_manager(layers) or _Manager()
     manager.graphs = _graphs_for(model, normalized, cuda_graphs, manager.graphs)
+    unused = _spec_unused_kwargs(model)
     for layer in layers:
+        if unused.get(type(layer).__name__):
+            layer.__dict__[_UNUSED_ATTR] = unused[type(layer).__name__]
         state = layer.__dict__.get(_STATE_ATTR)
         if state is None:
             instance_forward = layer.__dict__.get("forward")
@@ -572,6 +592,7 @@ def disable_checkpointing(model: nn.Module) -> int:
         state = layer.__dict__.get(_STATE_ATTR)
         if state is None:
             continue
+        layer.__dict__.pop(_UNUSED_ATTR, None)
         current = layer.__dict__.get("forward")
         if getattr(current, "__func__", None) is _checkpointed_forward:
             if state.had_instance_forward:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_fastvision import FastVisionModel
-from hf_fastvision.archs.tiny import sample_batch, tiny_processor
+from hf_fastvision.archs.tiny import lora_step, sample_batch, tiny_processor
 from hf_fastvision.patching import patched_modules
 
 pytest.importorskip("bitsandbytes")
@@ -120,3 +120,32 @@ def test_the_prepared_cross_mask_is_freed_and_the_layers_get_the_compact_form(ti
         else:  # stock hands the text model the full float mask (5.17: an indexed copy of the prepared one)
             assert handed[0].dim() == 4 and handed[0].is_floating_point()
         assert layer_masks and all(is_compact(m) for m in layer_masks)  # both ways the layers get (p, K)
+
+
+def test_checkpointed_self_attention_layers_get_none_for_the_cross_inputs(tiny_checkpoint, monkeypatch):
+    """The spec's ``unused_layer_kwargs``: in training the self-attention decoder layers get None for the
+    cross-attention inputs they never read (nothing held, copied or keyed for them); the step is unchanged, and
+    the cross-attention layers still get theirs."""
+    from transformers.models.mllama import modeling_mllama as mm
+
+    import hf_fastvision.training.checkpointing as ckpt
+
+    seen = {"self": [], "cross": []}
+    for cls, label in ((mm.MllamaSelfAttentionDecoderLayer, "self"), (mm.MllamaCrossAttentionDecoderLayer, "cross")):
+        def record(self, *args, _forward=cls.forward, _label=label, **kwargs):
+            seen[_label].append(kwargs.get("cross_attention_states") is None and
+                                kwargs.get("cross_attention_mask") is None)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", record)
+    folder = str(tiny_checkpoint("mllama"))
+    _, loss, grads = lora_step(folder, "mllama", dtype=torch.float32)
+    assert seen["self"] and all(seen["self"]) and seen["cross"] and not any(seen["cross"])
+    monkeypatch.setattr(ckpt, "_spec_unused_kwargs", lambda model: {})
+    seen["self"].clear()
+    _, loss_ref, grads_ref = lora_step(folder, "mllama", dtype=torch.float32)
+    assert seen["self"] and not any(seen["self"])  # without the spec entry the layers get the inputs
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    assert set(grads) == set(grads_ref)
+    for n, g in grads_ref.items():
+        assert torch.equal(grads[n], g), n
