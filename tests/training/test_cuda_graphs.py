@@ -148,20 +148,34 @@ def test_plain_checkpointing_graphs_too_and_disable_drops_them():
     assert _graphs(model) is None
 
 
-@pytest.mark.parametrize("name,ref_patches,graphed_patches",
-                         [(n, None, None) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
-                         + [("mllama", {"vision_attention_split": False}, None),
-                            ("mllama", None, {"cross_attention_split": True})]
-                         + [(n, {"mlp_lean_recompute": False}, {"mlp_lean_recompute": True})
+_VARLEN = {"vision_attention_split": "varlen", "cross_attention_split": "varlen"}
+
+
+@pytest.mark.parametrize("name,ref_patches,graphed_patches,samples",
+                         [(n, None, None, 2) for n in ("qwen2_5_vl", "qwen2_vl", "mllama", "gemma3", "llava")]
+                         + [("mllama", {"vision_attention_split": False}, None, 2),
+                            ("mllama", None, {"cross_attention_split": True}, 2),
+                            ("mllama", _VARLEN, None, 1)]
+                         + [(n, {"mlp_lean_recompute": False}, {"mlp_lean_recompute": True}, 2)
                             for n in ("qwen2_5_vl", "mllama", "llava")])
-def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphed_patches, tiny_checkpoint):
+def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphed_patches, samples, tiny_checkpoint,
+                                                       monkeypatch):
     """Vision blocks (cu_seqlens read on the host), cross-attention layers and text layers, 4-bit + fused LoRA.
     With `ref_patches`, the eager reference runs with those flags (Mllama: the stock masked vision attention) and
     the graphed run with the defaults (the split), which must still match; `graphed_patches` likewise for the
-    graphed run (Mllama: the cross-attention split, whose compact mask is a layer argument)."""
+    graphed run (Mllama: the cross-attention split, whose compact mask is a layer argument). One Mllama sample:
+    the graphed run takes both dense splits, whose shapes come from host-known counts in the layers' keys."""
     if missing := missing_dependencies(name):
         pytest.skip(f"needs {missing}")
     assert name in NAMED_TINY_TYPES
+    dense_calls = []
+    if samples == 1:
+        import hf_fastvision.archs._mllama_cross_attention as ca
+        import hf_fastvision.archs._mllama_vision_attention as va
+
+        for module, fn in ((va, "dense_split_attention"), (ca, "dense_cross_attention")):
+            real_fn = getattr(module, fn)
+            monkeypatch.setattr(module, fn, lambda *a, _f=real_fn, _n=fn, **k: dense_calls.append(_n) or _f(*a, **k))
     results = []
     for graphs in (False, "emulate"):
         extra = {"patches": ref_patches} if not graphs and ref_patches else {}
@@ -174,8 +188,11 @@ def test_emulated_graphs_match_eager_on_tiny_4bit_lora(name, ref_patches, graphe
                 if "lora_B" in pname:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(pname))) * 0.2)
         enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs=graphs)
-        batch = sample_batch(processor, name, 2)
+        batch = sample_batch(processor, name, samples)
+        dense_calls.clear()
         results.append(_train(peft_model, [batch] * 3, lr=0.01))
+        if samples == 1:  # the reference took the varlen calls, the graphed run the dense ones
+            assert (set(dense_calls) == {"dense_split_attention", "dense_cross_attention"}) == bool(graphs)
         if graphs:
             from hf_fastvision.training.checkpointing import checkpointed_layers
 
