@@ -42,10 +42,14 @@ MLLAMA = register_arch(
                  # PatchOptions.vision_attention_split (on by default; measured in scripts/results/h200_2026-12-01c_*)
                  "vision_attention_split": ("VisionAttention", split_vision_attention_forward)},
         checkpoint_layers=("MllamaVisionEncoderLayer",),  # 40 vision layers over 4 tiles: not GC layers upstream
-        # the text model hands every decoder layer the cross-attention inputs; the self-attention layers ignore them
-        # (and so their CUDA graphs need not key on the cross split's host-known shapes)
-        unused_layer_kwargs={"MllamaSelfAttentionDecoderLayer": ("cross_attention_states", "cross_attention_mask",
-                                                                 "full_text_row_masked_out_mask")},
+        # the text model hands every decoder layer every input: the self-attention layers ignore the cross-attention
+        # ones (so their CUDA graphs need not key on the cross split's host-known shapes), the cross-attention layers
+        # the causal mask and the rotary inputs (a padded batch's [B, 1, S, S] mask gets no graph buffer for them)
+        unused_layer_kwargs={
+            "MllamaSelfAttentionDecoderLayer": ("cross_attention_states", "cross_attention_mask",
+                                                "full_text_row_masked_out_mask"),
+            "MllamaCrossAttentionDecoderLayer": ("attention_mask", "position_ids", "position_embeddings"),
+        },
         notes="max_image_size bounds the number of 560-px tiles per image.",
     )
 )

@@ -122,10 +122,10 @@ def test_the_prepared_cross_mask_is_freed_and_the_layers_get_the_compact_form(ti
         assert layer_masks and all(is_compact(m) for m in layer_masks)  # both ways the layers get (p, K)
 
 
-def test_checkpointed_self_attention_layers_get_none_for_the_cross_inputs(tiny_checkpoint, monkeypatch):
+def test_checkpointed_decoder_layers_get_none_for_inputs_they_never_read(tiny_checkpoint, monkeypatch):
     """The spec's ``unused_layer_kwargs``: in training the self-attention decoder layers get None for the
-    cross-attention inputs they never read (nothing held, copied or keyed for them); the step is unchanged, and
-    the cross-attention layers still get theirs."""
+    cross-attention inputs they never read (nothing held, copied or keyed for them), the cross-attention layers
+    None for the rotary inputs but their own; the step is unchanged."""
     from transformers.models.mllama import modeling_mllama as mm
 
     import hf_fastvision.training.checkpointing as ckpt
@@ -133,18 +133,19 @@ def test_checkpointed_self_attention_layers_get_none_for_the_cross_inputs(tiny_c
     seen = {"self": [], "cross": []}
     for cls, label in ((mm.MllamaSelfAttentionDecoderLayer, "self"), (mm.MllamaCrossAttentionDecoderLayer, "cross")):
         def record(self, *args, _forward=cls.forward, _label=label, **kwargs):
-            seen[_label].append(kwargs.get("cross_attention_states") is None and
-                                kwargs.get("cross_attention_mask") is None)
+            cross = kwargs.get("cross_attention_states") is not None and kwargs.get("cross_attention_mask") is not None
+            seen[_label].append((cross, kwargs.get("position_embeddings") is not None))
             return _forward(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "forward", record)
     folder = str(tiny_checkpoint("mllama"))
     _, loss, grads = lora_step(folder, "mllama", dtype=torch.float32)
-    assert seen["self"] and all(seen["self"]) and seen["cross"] and not any(seen["cross"])
+    assert set(seen["self"]) == {(False, True)} and set(seen["cross"]) == {(True, False)}
     monkeypatch.setattr(ckpt, "_spec_unused_kwargs", lambda model: {})
     seen["self"].clear()
+    seen["cross"].clear()
     _, loss_ref, grads_ref = lora_step(folder, "mllama", dtype=torch.float32)
-    assert seen["self"] and not any(seen["self"])  # without the spec entry the layers get the inputs
+    assert set(seen["self"]) == set(seen["cross"]) == {(True, True)}  # without the entry: every input
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
     assert set(grads) == set(grads_ref)
     for n, g in grads_ref.items():
