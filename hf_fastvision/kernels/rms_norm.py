@@ -110,6 +110,7 @@ def _rms_norm_bwd_kernel(
     offset,
     rows_per_program,
     CASTING_LLAMA: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -136,10 +137,11 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD)
         normed = xf * rstd
-        if CASTING_LLAMA:
-            dw_acc += dy * normed.to(x.dtype).to(tl.float32)
-        else:
-            dw_acc += dy * normed
+        if COMPUTE_DW:
+            if CASTING_LLAMA:
+                dw_acc += dy * normed.to(x.dtype).to(tl.float32)
+            else:
+                dw_acc += dy * normed
         dn = dy * w_eff
         dot = tl.sum(dn * normed, axis=0) / n_cols
         dx = rstd * (dn - normed * dot)
@@ -149,7 +151,8 @@ def _rms_norm_bwd_kernel(
         DX += dx_row_stride
         RSTD += 1
 
-    tl.store(DW + pid * dw_row_stride + cols, dw_acc, mask=mask)
+    if COMPUTE_DW:
+        tl.store(DW + pid * dw_row_stride + cols, dw_acc, mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -193,18 +196,23 @@ class RMSNormFunction(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         dy2 = _as_rows(dy)
         dx = torch.empty((n_rows, n_cols), dtype=ctx.x_dtype, device=x2.device)
-        n_prog = num_programs(x2.device, n_rows)
-        dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
+        want_dw = ctx.needs_input_grad[1]
+        # the weight's gradient sums over rows: a few persistent programs, each looping over a block of rows; a
+        # frozen weight (LoRA) needs none, and then one program per row keeps every SM's memory pipes busy
+        n_prog = num_programs(x2.device, n_rows) if want_dw else max(n_rows, 1)
+        dw_partial = torch.empty((n_prog if want_dw else 0, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows > 0:
             rows_per_program = triton.cdiv(n_rows, n_prog)
+            dw_out = dw_partial if want_dw else dx  # never written without COMPUTE_DW (a valid pointer all the same)
             device_guarded(_rms_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0), dx, dx.stride(0), x2, x2.stride(0), weight, rstd,
-                dw_partial, dw_partial.stride(0), n_rows, n_cols, ctx.offset, rows_per_program,
-                CASTING_LLAMA=(ctx.mode == "llama"), BLOCK_SIZE=ctx.block, num_warps=ctx.num_warps,
+                dw_out, dw_out.stride(0), n_rows, n_cols, ctx.offset, rows_per_program,
+                CASTING_LLAMA=(ctx.mode == "llama"), COMPUTE_DW=want_dw, BLOCK_SIZE=ctx.block,
+                num_warps=ctx.num_warps,
             )
         else:
             dw_partial.zero_()
-        dw = dw_partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
         return dx.view(ctx.x_shape), dw, None, None, None
 
 

@@ -89,3 +89,36 @@ def test_dispatch(device):
 def test_bad_casting_mode(device):
     with pytest.raises(ValueError):
         rms_norm_ref(torch.randn(2, 4), torch.ones(4), casting_mode="bogus")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_a_frozen_weight_takes_one_program_per_row_with_the_same_input_gradient(device, dtype, offset, monkeypatch):
+    """LoRA freezes the norm weights: the backward then skips the weight's gradient and runs one program per row
+    (instead of a few persistent ones summing it); the input's gradient is bitwise the same."""
+    import importlib
+
+    rn = importlib.import_module("hf_fastvision.kernels.rms_norm")  # the package's `rms_norm` is the function
+    grids = []
+    kernel = rn._rms_norm_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return kernel[grid]
+
+    monkeypatch.setattr(rn, "_rms_norm_bwd_kernel", Spy())
+    x = torch.randn(37, 67, device=device, dtype=dtype)
+    w = torch.randn(67, device=device, dtype=dtype) * 0.5 + 1.0
+    dy = torch.randn(37, 67, device=device, dtype=dtype)
+    grads = []
+    for train_weight in (True, False):
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(train_weight)
+        _triton(xl, wl, 1e-6, offset).backward(dy)
+        grads.append(xl.grad)
+        assert (wl.grad is not None) == train_weight
+    assert grids[0] == rn.num_programs(x.device, 37) < 37 and grids[1] == 37
+    assert torch.equal(grads[0], grads[1])
+    ref_x = x.clone().requires_grad_(True)
+    rms_norm_ref(ref_x, w, 1e-6, offset).backward(dy)
+    assert_close(grads[1], ref_x.grad, dtype=dtype)
