@@ -154,7 +154,9 @@ def dense_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     if head:
         full = F.scaled_dot_product_attention(q[:, :, :head], k, v, scale=scale, enable_gqa=gqa)
         before = torch.arange(head, device=q.device)[None, :] < compact[:, :1]  # [B, head]: rows that see all keys
-        out = torch.cat([torch.where(before[:, None, :, None], full, out[:, :, :head]), out[:, :, head:]], dim=2)
+        fixed = torch.where(before[:, None, :, None], full, out[:, :, :head])
+        # joined in the [B, S, H, D] order the caller flattens (SDPA's outputs are laid out so: plain slices)
+        return torch.cat([fixed.transpose(1, 2), out.transpose(1, 2)[:, head:]], dim=1)
     return out.transpose(1, 2)
 
 

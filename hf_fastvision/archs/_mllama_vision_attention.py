@@ -150,17 +150,16 @@ def dense_split_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, 
     rows ``:n_real`` over all keys, rows ``n_real:`` over keys ``:n_real``. Static shapes once ``n_real`` is known
     on the host, and SDPA may take cuDNN, which runs head_dim 80 unpadded (the varlen flash call pads it to 96):
     on an H200, fwd+bwd of one Llama-3.2-11B-Vision layer's attention, 1 of 4 tiles, 3.58 ms against 4.05
-    (`scripts/results/h200_2026-12-01h_attention/`). ``[batch, L, heads, dim]`` in, a ``[batch, L, heads, dim]``
-    view out."""
+    (`scripts/results/h200_2026-12-01h_attention/`). ``[batch, L, heads, dim]`` in and out."""
     q, k, v = (t.transpose(1, 2) for t in (qp, kp, vp))  # [batch, heads, L, dim] views, as transformers hands SDPA
     length = q.shape[2]
     if n_real == 0:  # no real patch: the stock mask makes every score `min`, i.e. uniform attention
         return v.mean(dim=2, keepdim=True).expand_as(q).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, :n_real], k, v, scale=scale)
+    out = F.scaled_dot_product_attention(q[:, :, :n_real], k, v, scale=scale).transpose(1, 2)
     if n_real < length:
         pad = F.scaled_dot_product_attention(q[:, :, n_real:], k[:, :, :n_real], v[:, :, :n_real], scale=scale)
-        out = torch.cat([out, pad], dim=2)
-    return out.transpose(1, 2)
+        out = torch.cat([out, pad.transpose(1, 2)], dim=1)  # joined in [batch, L, heads, dim] order, contiguous
+    return out
 
 
 def _mask_has_split_form(mask: torch.Tensor, real: torch.Tensor) -> bool:
