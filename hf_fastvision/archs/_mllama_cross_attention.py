@@ -147,8 +147,8 @@ def dense_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     """The split as dense SDPA calls, where every sample sees the first ``keys`` keys from its image token ``p``
     on: every row against those keys, and the first ``head`` rows (``head >= p``, host-known) against all keys,
     taken for rows ``< p``. Static shapes for a given ``(keys, head)``, and SDPA may take cuDNN, which on an H200
-    ran this head_dim-128 attention at 1.8x flash's rate (`scripts/results/h200_2026-12-01h_attention/`).
-    ``[B, S, Hq, D]`` out."""
+    ran the text self-attention (the same head_dim 128) at ~1.7x flash's rate
+    (`scripts/results/h200_2026-12-01h_attention/`). ``[B, S, Hq, D]`` out."""
     gqa = k.shape[1] != q.shape[1]
     out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys], scale=scale, enable_gqa=gqa)
     if head:
