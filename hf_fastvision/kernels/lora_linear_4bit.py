@@ -83,8 +83,8 @@ class LoRALinear4bitFunction(torch.autograd.Function):
 def _grads(x2, h, a, b, weight, quant_state, s, dy, need_x, need_a, need_b, a_dtype, b_dtype):
     """(dx [tokens, in], d lora_a, d lora_b) of ``lora_linear_4bit`` from its saved values (compute dtype)."""
     dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-    db = (dy2.t() @ h).mul_(s).to(b_dtype) if need_b else None  # [out, r]
-    dh = (dy2 @ b).mul_(s)  # [tokens, r]
+    db = _scaled(dy2.t() @ h, s).to(b_dtype) if need_b else None  # [out, r]
+    dh = _scaled(dy2 @ b, s)  # [tokens, r]
     da = (dh.t() @ x2).to(a_dtype) if need_a else None  # [r, in]
     dx = None
     if need_x:
@@ -92,6 +92,11 @@ def _grads(x2, h, a, b, weight, quant_state, s, dy, need_x, need_a, need_b, a_dt
         dx = (dy2 @ w).addmm_(dh, a)
         del w
     return dx, da, db
+
+
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    """``t * s`` in place; no kernel for ``s == 1`` (``lora_alpha == r``, the usual set-up), bitwise the same."""
+    return t if s == 1.0 else t.mul_(s)
 
 
 def lora_linear_4bit_grads(x, weight, quant_state, lora_a, lora_b, scaling: float, dy, need_x: bool = True):

@@ -20,7 +20,8 @@ def _quantized(out_f: int, in_f: int, dtype: torch.dtype, device, nested: bool):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,out_f,in_f,r", [((2, 5), 24, 64, 4), ((3, 7, 11), 40, 128, 8), ((1, 1), 64, 64, 16)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_forward_and_grads_match_reference(dtype, shape, out_f, in_f, r, with_bias, device):
+@pytest.mark.parametrize("scaling", [2.0, 1.0])  # 1.0 (lora_alpha == r): the backward skips its scaling kernels
+def test_forward_and_grads_match_reference(dtype, shape, out_f, in_f, r, with_bias, scaling, device):
     if dtype == torch.float16 and device.type == "cpu":
         pytest.skip("bitsandbytes' CPU dequantization has no fp16 path worth testing")
     packed, state = _quantized(out_f, in_f, dtype, device, nested=dtype != torch.float32)
@@ -32,7 +33,7 @@ def test_forward_and_grads_match_reference(dtype, shape, out_f, in_f, r, with_bi
     for fn in (lora_linear_4bit, lora_linear_4bit_ref):
         xs = x.detach().clone().requires_grad_()
         a.grad = b.grad = None
-        y = fn(xs, packed, state, a, b, 2.0, bias)
+        y = fn(xs, packed, state, a, b, scaling, bias)
         y.float().square().mean().backward()
         results.append((y.detach(), xs.grad, a.grad.clone(), b.grad.clone()))
     (y, dx, da, db), (y_ref, dx_ref, da_ref, db_ref) = results
@@ -92,3 +93,12 @@ def test_grads_of_a_frozen_linear_without_adapter(device):
     assert da is None and db is None
     assert_close(dx, expected, dtype=torch.float32)
     assert lora_linear_4bit_grads(x.detach(), packed, state, None, None, 0.0, dy, need_x=False) == (None, None, None)
+
+
+def test_a_unit_scaling_costs_no_kernel(device):
+    from hf_fastvision.kernels.lora_linear_4bit import _scaled
+
+    t = torch.randn(3, 4, device=device)
+    before = t.clone()
+    assert _scaled(t, 1.0) is t and torch.equal(t, before)
+    assert _scaled(t, 2.0) is t and torch.equal(t, before * 2.0)  # in place
