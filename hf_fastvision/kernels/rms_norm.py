@@ -199,19 +199,20 @@ class RMSNormFunction(torch.autograd.Function):
         want_dw = ctx.needs_input_grad[1]
         # the weight's gradient sums over rows: a few persistent programs, each looping over a block of rows; a
         # frozen weight (LoRA) needs none, and then one program per row keeps every SM's memory pipes busy
-        n_prog = num_programs(x2.device, n_rows) if want_dw else max(n_rows, 1)
-        dw_partial = torch.empty((n_prog if want_dw else 0, n_cols), dtype=torch.float32, device=x2.device)
+        if want_dw:
+            n_prog = num_programs(x2.device, n_rows)
+            alloc = torch.empty if n_rows > 0 else torch.zeros  # no rows: no kernel writes the partial sums
+            dw_partial = alloc((n_prog, n_cols), dtype=torch.float32, device=x2.device)
+        else:
+            n_prog, dw_partial = max(n_rows, 1), None
         if n_rows > 0:
-            rows_per_program = triton.cdiv(n_rows, n_prog)
             dw_out = dw_partial if want_dw else dx  # never written without COMPUTE_DW (a valid pointer all the same)
             device_guarded(_rms_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0), dx, dx.stride(0), x2, x2.stride(0), weight, rstd,
-                dw_out, dw_out.stride(0), n_rows, n_cols, ctx.offset, rows_per_program,
+                dw_out, dw_out.stride(0), n_rows, n_cols, ctx.offset, triton.cdiv(n_rows, n_prog),
                 CASTING_LLAMA=(ctx.mode == "llama"), COMPUTE_DW=want_dw, BLOCK_SIZE=ctx.block,
                 num_warps=ctx.num_warps,
             )
-        else:
-            dw_partial.zero_()
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
         return dx.view(ctx.x_shape), dw, None, None, None
 
