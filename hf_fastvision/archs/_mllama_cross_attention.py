@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_fastvision.archs._mllama_vision_attention import _attention_dtype, _varlen_kernel
+from hf_fastvision.archs._mllama_vision_attention import _VARLEN_ONLY, _attention_dtype, _varlen_kernel
 
 __all__ = ["compact_cross_mask", "expand", "split_cross_attention", "cross_attention_forward",
            "text_model_forward", "is_compact", "with_dense_shape", "dense_cross_attention", "head_rows"]
 
 _READY = "_hffv_cross_split_ready"
-VARLEN_ONLY = "_hffv_split_varlen"  # set by the patch for ``cross_attention_split="varlen"``
 
 
 def is_compact(mask: Any) -> bool:
@@ -200,7 +199,7 @@ def cross_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     k = k.transpose(1, 2)
     v = self.v_proj(cross_attention_states).view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
-    if dense is not None and not self.__dict__.get(VARLEN_ONLY):
+    if dense is not None and not self.__dict__.get(_VARLEN_ONLY):
         from hf_fastvision.training.cuda_graphs import host_values
 
         dense = tuple(host_values(dense))  # one host sync per tensor (cached), none inside a CUDA graph

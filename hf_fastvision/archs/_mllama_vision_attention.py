@@ -45,7 +45,7 @@ __all__ = ["split_vision_attention_forward", "split_attention", "permuted_split_
 
 logger = logging.getLogger(__name__)
 _CHECKED = "_hffv_split_mask_ok"
-_VARLEN_ONLY = "_hffv_split_varlen"  # set by the patch for ``vision_attention_split="varlen"``
+_VARLEN_ONLY = "_hffv_split_varlen"  # set by the patch for `vision_attention_split` / `cross_attention_split="varlen"`
 
 
 def vision_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int, dtype=torch.float32, device=None):

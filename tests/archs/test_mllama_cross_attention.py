@@ -169,6 +169,7 @@ def test_the_dense_split_equals_masked_sdpa_forward_and_backward(rows, starts, r
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
                                          scale=0.3).transpose(1, 2)
     got = split_cross_attention(q, k, v, compact, 0.3, dense=(k_seen, head))
+    assert got.is_contiguous() or not head  # joined in [B, S, H, D] order: the caller's flatten copies nothing
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(got, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
