@@ -75,7 +75,8 @@ class PatchOptions:
     """The text attention's rotary embedding through the fused RoPE kernel (transformers' attention forward, with
     its `apply_rotary_pos_emb` resolved to `kernels.rope.apply_rotary_pos_emb`), and the Qwen-VL towers' (the
     spec's vision-attention forward, `kernels.rope.apply_rotary_pos_emb_vision`). H200: Llama-3.2-11B-Vision
-    1.370 -> 1.319 s per step at seq 8192, Qwen2.5-VL-7B 0.850 -> 0.816 s (`scripts/results/h200_2026-12-01h_rope_ab/`)."""
+    1.370 -> 1.319 s per step at seq 8192, Qwen2.5-VL-7B 0.850 -> 0.816 s
+    (`scripts/results/h200_2026-12-01h_rope_ab/`)."""
     mlp: bool = True
     """Fused SwiGLU / GeGLU activation of gated MLPs."""
     vision_mlp: bool = True

@@ -10,9 +10,11 @@ moment was the peak of our whole QLoRA step at seq 2048 (``scripts/memory_peak.p
 Layers that checkpoint already save (or offload) their own input for the recompute, so the other outputs serve
 no one. Where every layer runs the split attention (`_mllama_vision_attention`), the encoder also hands the layers
 the mask's ``[B, L]`` diagonal instead of the ``[B, 1, L, L]`` mask (checked to have the split form, one host sync
-per call), with each image's count of real patches (`with_real_counts`): checkpointed and graphed layers then save and copy that, not 0.08 GiB per encoder. The patched forward runs the same layers in the same order with the same arguments, so the values are
-identical. Its ``hidden_states`` tuple has the stock length and holds the outputs at the read indices; the other
-entries are ``None``. Which indices are read is fixed when the patch is bound, from the owning vision model.
+per call), with each image's count of real patches (`with_real_counts`): checkpointed and graphed layers then
+save and copy that, not 0.08 GiB per encoder. The patched forward runs the same layers in the same order with the
+same arguments, so the values are identical. Its ``hidden_states`` tuple has the stock length and holds the outputs
+at the read indices; the other entries are ``None``. Which indices are read is fixed when the patch is bound, from
+the owning vision model.
 """
 
 from __future__ import annotations

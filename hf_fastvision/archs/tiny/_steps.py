@@ -10,10 +10,10 @@ def lora_step(folder: str, name: str, patches: Any = None, dtype: Any = None, au
               lora: dict | None = None, samples: int = 2) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``folder`` (a tiny ``name`` checkpoint) in 4-bit with ``patches``, open its zero gates, add LoRA on
     vision and language layers with every ``lora_B`` set to seeded non-zero values (so every gradient is
-    exercised), run one forward + backward on ``sample_batch`` of ``samples`` conversations (under ``autocast``, a torch dtype, when given)
-    and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on the loaded model before
-    LoRA is added, ``after_lora(model)`` on the LoRA model before the step; ``lora`` adds `get_peft_model`
-    arguments (e.g. ``finetune_mlp_modules=False``)."""
+    exercised), run one forward + backward on ``sample_batch`` of ``samples`` conversations (under ``autocast``, a
+    torch dtype, when given) and return ``(model, loss, {name: grad})``. ``configure(model)``, when given, runs on
+    the loaded model before LoRA is added, ``after_lora(model)`` on the LoRA model before the step; ``lora`` adds
+    `get_peft_model` arguments (e.g. ``finetune_mlp_modules=False``)."""
     import torch
 
     from hf_fastvision import FastVisionModel
