@@ -108,16 +108,17 @@ def test_a_frozen_weight_takes_one_program_per_row_with_the_same_input_gradient(
             return kernel[grid]
 
     monkeypatch.setattr(rn, "_rms_norm_bwd_kernel", Spy())
-    x = torch.randn(37, 67, device=device, dtype=dtype)
+    rows = rn.num_programs(torch.device(device), 1 << 20) + 5  # more rows than persistent programs (an H200: 132)
+    x = torch.randn(rows, 67, device=device, dtype=dtype)
     w = torch.randn(67, device=device, dtype=dtype) * 0.5 + 1.0
-    dy = torch.randn(37, 67, device=device, dtype=dtype)
+    dy = torch.randn(rows, 67, device=device, dtype=dtype)
     grads = []
     for train_weight in (True, False):
         xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(train_weight)
         _triton(xl, wl, 1e-6, offset).backward(dy)
         grads.append(xl.grad)
         assert (wl.grad is not None) == train_weight
-    assert grids[0] == rn.num_programs(x.device, 37) < 37 and grids[1] == 37
+    assert grids[0] == rn.num_programs(x.device, rows) < rows and grids[1] == rows
     assert torch.equal(grads[0], grads[1])
     ref_x = x.clone().requires_grad_(True)
     rms_norm_ref(ref_x, w, 1e-6, offset).backward(dy)
