@@ -108,12 +108,16 @@ class PatchOptions:
     chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
     tokens per chunk instead. Measured (H200, seq 2048/8192): Qwen2.5-VL-7B 0.289 -> 0.265 s and 0.872 -> 0.838 s
     per step, Llama-3.2-11B-Vision 0.597 -> 0.579 s and 1.405 -> 1.364 s, peaks equal or lower."""
-    cuda_graphs_lazy_backward: bool = False
-    """Capture each layer's backward graph at its first backward, not during the forward. Opt-in: measured worse
-    (Llama-3.2-11B-Vision, H200, seq 2048: peak 9.14 vs 8.82 GiB; the backward-time capture also holds the
-    accumulating LoRA grads and every layer's checkpoint)."""
+    cuda_graphs_capture: str = "first_backward"
+    """When a layer's graphs are captured: ``"first_backward"`` (in the backward of its first call, where the
+    optimizer has no state yet and the forward's working set is gone) or ``"second_forward"`` (in its second
+    forward, beside that step's live activations and the optimizer state: a higher peak)."""
 
     def __post_init__(self) -> None:
+        from hf_fastvision.training.cuda_graphs import CAPTURE_POINTS
+
+        if self.cuda_graphs_capture not in CAPTURE_POINTS:
+            raise ValueError(f"cuda_graphs_capture must be one of {CAPTURE_POINTS}, got {self.cuda_graphs_capture!r}")
         for name in ("vision_attention_split", "cross_attention_split"):
             if getattr(self, name) not in (True, False, "varlen"):
                 raise ValueError(f"{name} must be True, False or 'varlen', got {getattr(self, name)!r}")
@@ -129,8 +133,7 @@ class PatchOptions:
                        cross_attention_split=False,
                        mlp_lean_recompute=False,
                        fused_loss=False, vision_attention=False,
-                       vision_attention_split=False, lora=False, cuda_graphs=False,
-                       cuda_graphs_lazy_backward=False)
+                       vision_attention_split=False, lora=False, cuda_graphs=False)
         if isinstance(value, dict):
             unknown = set(value) - set(asdict(cls()))
             if unknown:

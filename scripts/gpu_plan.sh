@@ -3,6 +3,7 @@
 # bring back at most 8 files (more than 8 under $OUT are dropped). Run on the GPU machine from the repo root, with
 # the kit carried (`.devkit`), one part per call:
 #   bash scripts/gpu_plan.sh first      # tests + mva + nf4 below, in one call (start here)
+#   bash scripts/gpu_plan.sh ninth      # GPU tests, then ours on both models at 2048+8192 (the eighth session's tail)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -51,6 +52,16 @@ case "${1:-}" in
     tail -5 "$out/gpu_tests.txt"
     timeout 150 python scripts/bench_mllama_vision_attention.py --tiles 1 4 --out "$out" 2>&1 | tail -10
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -14 ;;
+  ninth)  # ~8 minutes: every GPU test (the rewritten rope test among them), then ours on both models: what the
+    # eighth session built after its GPU time (unused_layer_kwargs, frozen-weight RMSNorm backward, join order,
+    # scale-1 LoRA backward), against its table (Llama 0.499 / 1.258 s, Qwen 0.257 / 0.808 s)
+    timeout 200 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
+    tail -3 "$out/gpu_tests.txt"
+    for m in llama32_11b_vision qwen2_5_vl_7b; do
+      python scripts/bench_qlora.py --model $m --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
+        --out /tmp/n_$m > /dev/null 2>&1
+      cp /tmp/n_$m/results.csv "$out/${m}_ours.csv"; grep "| ours" /tmp/n_$m/results.md | cut -c1-200
+    done ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

@@ -564,12 +564,12 @@ def _graphs_for(model: nn.Module, mode: str, cuda_graphs: Any, current: Any) -> 
     if not cuda_graphs:
         return None
     emulate = cuda_graphs == "emulate"
-    lazy = bool(getattr(options, "cuda_graphs_lazy_backward", False))
+    capture_at = getattr(options, "cuda_graphs_capture", "first_backward")
     if not emulate and not graphs_supported():
         return None
-    if isinstance(current, GraphedLayers) and current.emulate == emulate and current.lazy_backward == lazy:
+    if isinstance(current, GraphedLayers) and current.emulate == emulate and current.capture_at == capture_at:
         return current  # keep the graphs already captured
-    return GraphedLayers(emulate=emulate, lazy_backward=lazy)
+    return GraphedLayers(emulate=emulate, capture_at=capture_at)
 
 
 def _wraps_ours(forward: Any, layer: nn.Module) -> bool:

@@ -14,8 +14,11 @@ How (used by `checkpointing.py` in both modes, ``patches={"cuda_graphs": ...}``)
 - A layer call is keyed by everything the graph bakes in: shapes, dtypes, devices and ``requires_grad`` of its
   tensor arguments, non-tensor argument values, the values of small 1-D integer tensors (``cu_seqlens``: the
   host reads them to schedule attention), autocast state and the addresses of the layer's parameters. The
-  first call with a key runs eagerly (warming kernel and plan caches); the second captures both graphs; later
-  calls replay. Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
+  first call with a key runs its forward eagerly (warming kernel and plan caches) and captures both graphs in its
+  own backward, before it replays the backward graph; later calls replay. Capturing there, in the first step's
+  backward, costs the least memory: the optimizer has no state yet and the forward's working set is gone (a capture
+  counts the layer's whole recompute + backward working set as allocated, on top of whatever is live). With
+  ``capture_at="second_forward"`` the second call with a key captures both graphs instead (the earlier design). Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
   parameters on several devices or sharded) makes the capture fail or be refused and that key runs eagerly
   from then on, with one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
 - All graphs of a model share one memory pool and static input buffers: layers run one after another and every
@@ -45,11 +48,12 @@ from torch import nn
 from hf_fastvision.training.checkpointing import _log_once
 from hf_fastvision.training.lean_mlp import checkpoint_pass
 
-__all__ = ["GraphedLayers", "host_values", "graphs_supported"]
+__all__ = ["GraphedLayers", "host_values", "graphs_supported", "CAPTURE_POINTS"]
 
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED = object()
+CAPTURE_POINTS = ("first_backward", "second_forward")  # where a key's graphs are captured (`GraphedLayers`)
 MAX_FAILURES = 3  # distinct (layer class, shape) capture failures after which a model stops trying
 _MAX_HOST_INTS = 4096  # 1-D int tensors up to this size are treated as host-known metadata (cu_seqlens)
 
@@ -190,8 +194,7 @@ class _EmulatedGraph:
 # Per-layer entries and the autograd function that replays them
 # --------------------------------------------------------------------------------------------------------
 class _Entry:
-    __slots__ = ("fwd", "bwd", "static", "n_extra", "diff_extra", "params", "hidden_grad", "host_known",
-                 "capture_bwd")
+    __slots__ = ("fwd", "bwd", "static", "n_extra", "diff_extra", "params", "hidden_grad", "host_known")
 
     def __init__(self) -> None:
         self.fwd: Any = None
@@ -202,7 +205,6 @@ class _Entry:
         self.params: list[torch.Tensor] = []
         self.hidden_grad = False
         self.host_known: list[tuple[torch.Tensor, tuple[int, ...]]] = []
-        self.capture_bwd: Callable[[], Any] | None = None  # set while the backward graph waits (lazy_backward)
 
     def load(self, hidden: torch.Tensor, extras: list[torch.Tensor], grad_out: torch.Tensor | None = None) -> None:
         static = self.static
@@ -247,23 +249,121 @@ class _GraphedLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         entry: _Entry = ctx.entry
-        box = ctx.box
-        hidden = box.restore()
-        if entry.bwd is None:  # lazy_backward: captured at its first backward, when the forward's state is gone;
-            entry.bwd, entry.capture_bwd = entry.capture_bwd(), None  # before the load (an emulated capture runs)
-        entry.load(hidden, ctx.extras, grad_out.to(entry.static[-1].dtype))
-        grads = entry.bwd.replay()
-        copies = [g.clone() if g is not None else None for g in grads]
-        pos = 0
-        grad_hidden = None
-        if entry.hidden_grad:
-            grad_hidden, pos = copies[0], 1
-        grad_extras: list[torch.Tensor | None] = [None] * entry.n_extra
-        for i in entry.diff_extra:
-            grad_extras[i], pos = copies[pos], pos + 1
-        grad_params = copies[pos:]
+        hidden = ctx.box.restore()
+        grads = _replay_backward(entry, hidden, ctx.extras, grad_out)
         ctx.entry = ctx.box = ctx.extras = None
-        return (None, None, None, grad_hidden, *grad_extras, *grad_params)
+        return (None, None, None, *grads)
+
+
+def _replay_backward(entry: _Entry, hidden: torch.Tensor, extras: list[torch.Tensor],
+                     grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    """Gradients of (hidden, *extras, *entry.params) from one replay of `entry`'s backward graph."""
+    entry.load(hidden, extras, grad_out.to(entry.static[-1].dtype))
+    copies = [g.clone() if g is not None else None for g in entry.bwd.replay()]
+    return _by_input(copies, entry.hidden_grad, entry.n_extra, entry.diff_extra)
+
+
+def _by_input(grads: list[torch.Tensor | None], hidden_grad: bool, n_extra: int,
+              diff_extra: list[int]) -> list[torch.Tensor | None]:
+    """[grad of hidden, grad of each extra, *grads of the params] from a backward's `wrt` order (hidden if it needs
+    a gradient, the differentiable extras, the params)."""
+    pos = 0
+    grad_hidden = None
+    if hidden_grad:
+        grad_hidden, pos = grads[0], 1
+    grad_extras: list[torch.Tensor | None] = [None] * n_extra
+    for i in diff_extra:
+        grad_extras[i], pos = grads[pos], pos + 1
+    return [grad_hidden, *grad_extras, *grads[pos:]]
+
+
+class _FirstCall:
+    """What a key's first call keeps for its backward, where that layer's graphs are captured: the call itself
+    (the layer, its forward, arguments and key) and its eager output until autograd takes it."""
+
+    __slots__ = ("graphs", "layer", "inner", "as_kwarg", "args", "kwargs", "leaves", "autocast", "key", "out",
+                 "param_slots")
+
+    def __init__(self, **fields: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+
+class _FirstCallFunction(torch.autograd.Function):
+    """A key's first call: the forward ran eagerly (its output arrives in `call.out`); the backward captures the
+    layer's graphs (unless a capture exists or failed by now) and replays the backward graph, or runs the same
+    recompute + backward eagerly where it cannot."""
+
+    @staticmethod
+    def forward(ctx, call: _FirstCall, box: Any, n_extra: int, hidden: torch.Tensor, *rest: torch.Tensor):
+        out, call.out = call.out, None
+        ctx.call, ctx.box = call, box
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        call: _FirstCall = ctx.call
+        hidden = ctx.box.restore()
+        extras = [t for t, _ in call.leaves]
+        entry = call.graphs._entry_for_backward(call, hidden)
+        if entry is not None:
+            grads = _replay_backward(entry, hidden, extras, grad_out)
+        else:
+            params = [mod._parameters[name] for mod, name in call.param_slots]
+            hidden_grad = ctx.needs_input_grad[3]
+            diff_extra = _differentiable(extras)
+            run = _layer_call(call.inner, call.as_kwarg, call.args, call.kwargs, hidden.device, call.autocast)
+            raw = _layer_grads(run, hidden, extras, hidden_grad, diff_extra, call.param_slots, params, grad_out)
+            grads = _by_input(raw, hidden_grad, len(extras), diff_extra)
+        ctx.call = ctx.box = None
+        return (None, None, None, *grads)
+
+
+def _differentiable(extras: list[torch.Tensor]) -> list[int]:
+    return [i for i, t in enumerate(extras) if t.requires_grad and t.is_floating_point()]
+
+
+def _layer_call(inner: Callable[..., Any], as_kwarg: str | None, args: tuple, kwargs: dict, device: torch.device,
+                autocast: tuple[bool, torch.dtype]) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+    """The layer's forward as a function of (hidden, its tensor arguments in `_flatten_call` order), under the
+    call's autocast state (without the weight cache: graphs must read the current weights)."""
+    enabled, dtype = autocast
+
+    def call(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        pos = [0]
+        c_args = _rebuild(args, tensors, pos)
+        c_kwargs = {k: _rebuild(kwargs[k], tensors, pos) for k in sorted(kwargs)}
+        with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            out = inner(*c_args, **{as_kwarg: x}, **c_kwargs) if as_kwarg else inner(x, *c_args, **c_kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"layer returned {type(out).__name__}, not a tensor")
+        return out
+
+    return call
+
+
+def _layer_grads(call: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], hidden: torch.Tensor,
+                 extras: list[torch.Tensor], hidden_grad: bool, diff_extra: list[int],
+                 param_slots: list[tuple[nn.Module, str]], params: list[torch.Tensor],
+                 grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    """Recompute the layer's forward from (hidden, extras) and back-propagate `grad_out`: the gradients of hidden
+    (if `hidden_grad`), of the extras at `diff_extra` and of `params`, in that order."""
+    with torch.enable_grad():
+        x = hidden.detach().requires_grad_(hidden_grad)
+        tensors = list(extras)
+        leaves = []
+        for i in diff_extra:  # differentiable extras are read through leaves of their own
+            tensors[i] = extras[i].detach().requires_grad_(True)
+            leaves.append(tensors[i])
+        # The trainable weights are read through fresh aliases (same storage, so graph replays see the optimizer's
+        # updates): a weight's own AccumulateGrad node may have been created on the default stream and be kept
+        # alive by the caller (a `loss` still referenced), and routing gradients to it from the capture stream
+        # would sync with the default stream, which invalidates a capture.
+        aliases = [p.detach().requires_grad_(True) for p in params]
+        with _swapped_params(param_slots, aliases), checkpoint_pass(True):
+            out = call(x, tensors)
+        wrt = ([x] if hidden_grad else []) + leaves + aliases
+        return list(torch.autograd.grad(out, wrt, grad_outputs=grad_out, allow_unused=True))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,14 +372,14 @@ class _GraphedLayerFunction(torch.autograd.Function):
 class GraphedLayers:
     """CUDA graphs for the checkpointed layers of one model (see the module docstring)."""
 
-    def __init__(self, max_keys: int = 4, emulate: bool = False, lazy_backward: bool = False) -> None:
+    def __init__(self, max_keys: int = 4, emulate: bool = False, capture_at: str = "first_backward") -> None:
+        if capture_at not in CAPTURE_POINTS:
+            raise ValueError(f"capture_at must be one of {CAPTURE_POINTS}, got {capture_at!r}")
         self.max_keys = max_keys
         self.emulate = emulate
-        # capture a layer's backward graph at its first backward instead of next to its forward graph: the
-        # capture (and its warm-up, a whole recompute + backward) then does not coincide with the forward's live
-        # state (vision outputs, masks), which set our peak in the capture step
-        self.lazy_backward = lazy_backward
-        self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0}
+        self.capture_at = capture_at  # see the module docstring
+        self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0,
+                      "backward_captures": 0}
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
         self._flush_pending = False
@@ -291,7 +391,7 @@ class GraphedLayers:
         self._layers: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
     def __deepcopy__(self, memo):  # a copied model gets its own, empty cache
-        return GraphedLayers(self.max_keys, self.emulate, self.lazy_backward)
+        return GraphedLayers(self.max_keys, self.emulate, self.capture_at)
 
     # ---- public ----
     def run(
@@ -328,38 +428,32 @@ class GraphedLayers:
         if entries is None:
             entries = self._layers[layer] = OrderedDict()
         entry = entries.get(key)
-        if entry is None:  # first sight: eager (warms caches); the next call with this key captures
-            if len(entries) < 2 * self.max_keys:
-                entries[key] = "seen"
-            self.stats["eager_calls"] += 1
-            return NotImplemented
-        if entry == "bad":
-            self.stats["eager_calls"] += 1
-            return NotImplemented
-        if entry == "seen":
-            if (type(layer), key[:4]) in self._bad:
-                entries[key] = "bad"
+        if entry is None:  # first sight: the forward runs eagerly (warms caches)
+            if len(entries) >= 2 * self.max_keys:
                 self.stats["eager_calls"] += 1
                 return NotImplemented
-            if _draws_random_numbers(layer):
-                # the forward graph and the recomputing backward graph would draw different dropout masks
-                entries[key] = "bad"
-                return self._refuse(layer, "dropout is active while training")
-            if sum(isinstance(e, _Entry) for e in entries.values()) >= self.max_keys:
+            if self.capture_at == "first_backward":
+                if self._may_capture(layer, entries, key):
+                    return self._first_call(layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast,
+                                            key, make_box)
+                if entries.get(key) == "bad":
+                    self.stats["eager_calls"] += 1
+                    return NotImplemented
+            entries[key] = "seen"  # the next call with this key captures
+            self.stats["eager_calls"] += 1
+            return NotImplemented
+        if entry in ("seen", "pending"):  # "pending": a first call whose backward has not run yet
+            if not self._may_capture(layer, entries, key):
                 self.stats["eager_calls"] += 1
                 return NotImplemented
-            if not self._flush_pending and not self.emulate:
-                # a capture round starts: return the blocks the eager steps left cached, so the graphs' pool
-                # grows into them instead of beside them (lower reserved peak)
-                torch.cuda.empty_cache()
-            entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key[:4])
+            self._start_capture_round()
+            entry = self._capture_entry(layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key)
             if entry is None:
-                entries[key] = "bad"
-                self._bad.add((type(layer), key[:4]))
-                self.disabled = len(self._bad) >= MAX_FAILURES
                 self.stats["eager_calls"] += 1
                 return NotImplemented
-            entries[key] = entry
+        elif entry == "bad":
+            self.stats["eager_calls"] += 1
+            return NotImplemented
         elif self._flush_pending and not self.emulate:
             # the capture round is over: hand the warm-ups' blocks cached for the capture stream back
             self._flush_pending = False
@@ -373,19 +467,71 @@ class GraphedLayers:
             box.forward_done()
 
     # ---- internals ----
-    def _capture_later(self, layer: nn.Module, capture: Callable[[], Any], run: Callable[[], Any],
-                       device: torch.device, entry: _Entry) -> Any:
-        """The lazy backward capture (see `lazy_backward`); a failure leaves that layer's backward eager."""
-        _register_host_known(entry.host_known)
+    def _may_capture(self, layer: nn.Module, entries: OrderedDict, key: tuple) -> bool:
+        """Whether a call with `key` may be captured now; marks it "bad" where it never may."""
+        if (type(layer), key[:4]) in self._bad:
+            entries[key] = "bad"
+            return False
+        if _draws_random_numbers(layer):
+            # the forward graph and the recomputing backward graph would draw different dropout masks
+            entries[key] = "bad"
+            self._refuse(layer, "dropout is active while training")
+            return False
+        return sum(isinstance(e, _Entry) for e in entries.values()) < self.max_keys
+
+    def _start_capture_round(self) -> None:
+        if not self._flush_pending and not self.emulate:
+            # a capture round starts: return the blocks the eager steps left cached, so the graphs' pool grows
+            # into them instead of beside them (lower reserved peak)
+            torch.cuda.empty_cache()
+
+    def _capture_entry(self, layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key):
+        """Capture `key`'s graphs and record the entry, or record the failure (that key then runs eagerly)."""
+        entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key[:4])
+        if entry is None:
+            entries[key] = "bad"
+            self._bad.add((type(layer), key[:4]))
+            self.disabled = len(self._bad) >= MAX_FAILURES
+            return None
+        entries[key] = entry
+        return entry
+
+    def _first_call(self, layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key, make_box):
+        """A key's first call: the forward eagerly, the capture in its backward (`_FirstCallFunction`)."""
+        with torch.no_grad(), checkpoint_pass(False):
+            out = inner(*args, **{as_kwarg: hidden}, **kwargs) if as_kwarg else inner(hidden, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):  # not graphable: this call runs again, checkpointed eagerly
+            entries[key] = "bad"
+            return self._refuse(layer, f"it returns {type(out).__name__}, not a tensor")
+        entries[key] = "pending"
+        self.stats["eager_calls"] += 1
+        param_slots = _trainable_slots(layer)
+        call = _FirstCall(graphs=self, layer=layer, inner=inner, as_kwarg=as_kwarg, args=args, kwargs=kwargs,
+                          leaves=leaves, autocast=autocast, key=key, out=out if out._base is None else out.clone(),
+                          param_slots=param_slots)
+        params = [mod._parameters[name] for mod, name in param_slots]
+        box = make_box(hidden)
         try:
-            graph = capture()
-        except Exception as exc:  # the forward graph replays on; this layer's backward runs its function eagerly
-            self._capture_failed(f"{type(layer).__name__}'s backward", exc, device)
-            return _EagerRun(run)
+            return _FirstCallFunction.apply(call, box, len(leaves), hidden, *(t for t, _ in leaves), *params)
         finally:
-            _unregister_host_known(entry.host_known)
-        self.stats["backward_captures"] = self.stats.get("backward_captures", 0) + 1
-        return graph
+            box.forward_done()
+
+    def _entry_for_backward(self, call: _FirstCall, hidden: torch.Tensor) -> _Entry | None:
+        """In a first call's backward: the key's graphs (captured now unless they exist), or None (eager)."""
+        entries = self._layers.get(call.layer)
+        if entries is None:  # the cache was dropped (checkpointing switched off or the graphs replaced)
+            return None
+        entry = entries.get(call.key)
+        if isinstance(entry, _Entry):
+            return entry
+        if entry != "pending" or self.disabled or not self._may_capture(call.layer, entries, call.key):
+            return None
+        self._start_capture_round()
+        entry = self._capture_entry(call.layer, entries, call.inner, hidden, call.as_kwarg, call.args, call.kwargs,
+                                    call.leaves, call.autocast, call.key)
+        if entry is not None:
+            self.stats["backward_captures"] += 1
+        return entry
 
     def _capture_failed(self, what: str, exc: Exception, device: torch.device) -> None:
         self.stats["failures"] += 1
@@ -428,45 +574,20 @@ class GraphedLayers:
         static_extras = [self._buffer(1 + i, t) for i, t in enumerate(extras)]
         entry.n_extra = len(extras)
         entry.hidden_grad = hidden.requires_grad
-        entry.diff_extra = [i for i, t in enumerate(extras) if t.requires_grad and t.is_floating_point()]
+        entry.diff_extra = _differentiable(extras)
         param_slots = _trainable_slots(layer)
         entry.params = [mod._parameters[name] for mod, name in param_slots]
         entry.host_known = [(buf, values) for buf, (_, values) in zip(static_extras, leaves) if values is not None]
-        enabled, dtype = autocast
-
-        def call(x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-            pos = [0]
-            c_args = _rebuild(args, tensors, pos)
-            c_kwargs = {k: _rebuild(kwargs[k], tensors, pos) for k in sorted(kwargs)}
-            with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-                out = inner(*c_args, **{as_kwarg: x}, **c_kwargs) if as_kwarg else inner(x, *c_args, **c_kwargs)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"layer returned {type(out).__name__}, not a tensor")
-            return out
+        call = _layer_call(inner, as_kwarg, args, kwargs, device, autocast)
 
         def fwd_body() -> torch.Tensor:
             with torch.no_grad(), checkpoint_pass(False):
                 return call(static_hidden, static_extras)
 
         def bwd_body() -> list[torch.Tensor | None]:
-            with torch.enable_grad():
-                x = static_hidden.detach().requires_grad_(entry.hidden_grad)
-                tensors = list(static_extras)
-                leaves = []
-                for i in entry.diff_extra:  # differentiable extras are read through leaves of their own
-                    tensors[i] = static_extras[i].detach().requires_grad_(True)
-                    leaves.append(tensors[i])
-                # The trainable weights are read through fresh aliases (same storage, so replays see the
-                # optimizer's updates): a weight's own AccumulateGrad node may have been created on the default
-                # stream and be kept alive by the caller (a `loss` still referenced), and routing gradients to
-                # it from the capture stream would sync with the default stream, which invalidates the capture.
-                aliases = [p.detach().requires_grad_(True) for p in entry.params]
-                with _swapped_params(param_slots, aliases), checkpoint_pass(True):
-                    out = call(x, tensors)
-                wrt = ([x] if entry.hidden_grad else []) + leaves + aliases
-                return list(torch.autograd.grad(out, wrt, grad_outputs=static_grad, allow_unused=True))
+            return _layer_grads(call, static_hidden, static_extras, entry.hidden_grad, entry.diff_extra, param_slots,
+                                entry.params, static_grad)
 
-        signature = key_signature
         _register_host_known(entry.host_known)
         try:
             entry.fwd = self._new_graph(device)
@@ -496,23 +617,15 @@ class GraphedLayers:
                         grad_bufs[i].copy_(grads[i])
                 return tuple(buf if g is not None else None for buf, g in zip(grad_bufs, grads))
 
-            def capture_backward() -> Any:
-                graph = self._new_graph(device)
-                if signature not in self._warmed:
-                    graph.warm(bwd_body)
-                    self._warmed.add(signature)
-                    if not self.emulate:
-                        # the warm-up's temporaries (a whole recompute + backward) sit cached for the capture
-                        # stream, where no eager work can reuse them: hand them back before the pool grows
-                        torch.cuda.empty_cache()
-                graph.capture(bwd)
-                return graph
-
-            if self.lazy_backward:
-                entry.bwd = None
-                entry.capture_bwd = lambda: self._capture_later(layer, capture_backward, bwd, device, entry)
-            else:
-                entry.bwd = capture_backward()
+            entry.bwd = self._new_graph(device)
+            if key_signature not in self._warmed:
+                entry.bwd.warm(bwd_body)
+                self._warmed.add(key_signature)
+                if not self.emulate:
+                    # the warm-up's temporaries (a whole recompute + backward) sit cached for the capture stream,
+                    # where no eager work can reuse them: hand them back before the pool grows
+                    torch.cuda.empty_cache()
+            entry.bwd.capture(bwd)
         except Exception as exc:  # a host sync or another uncapturable op inside the layer
             self._capture_failed(type(layer).__name__, exc, device)
             return None
@@ -521,16 +634,6 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
-
-
-class _EagerRun:
-    """A backward whose capture failed: `replay` runs the captured function eagerly (same buffers, same result)."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-
-    def replay(self) -> Any:
-        return self.fn()
 
 
 def _can_share(result: torch.Tensor, buffer: torch.Tensor) -> bool:

@@ -76,7 +76,7 @@ def test_emulated_graphs_match_eager_over_steps():
     batches, ref_model, model = _eager_and_graphed(4)
     ref, got = _train(ref_model, batches), _train(model, batches)
     stats = _graphs(model).stats
-    # step 1 eager (first sight), step 2 captures each layer once, steps 2-4 replay
+    # step 1: eager forward, each layer captured in its backward; steps 2-4 replay
     assert stats["captures"] == 3 and stats["replays"] == 9 and stats["eager_calls"] == 3, stats
     # gradients reach the layer weights and, through the layer inputs, the embeddings
     assert all("model.embed_tokens.weight" in grads for _, grads in got)
@@ -269,25 +269,61 @@ def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, mo
     assert stats["captures"] == attempts.count("Qwen2_5_VLDecoderLayer") > 0, (attempts, stats)
 
 
-def test_lazy_backward_captures_at_the_first_backward_and_matches_eager():
-    batches, ref_model, model = _eager_and_graphed(4)
-    graphs = _graphs(model)
-    graphs.lazy_backward = True  # what `patches={"cuda_graphs_lazy_backward": True}` builds
-    seen_at_forward_end = []
+def _captures_at_forward_end(model, graphs) -> list[int]:
+    """The capture count each time the final norm runs (after every layer's forward of a step)."""
+    seen = []
     real_forward = model.model.norm.forward
 
-    def norm_forward(x):  # runs once all layers' forwards are done: no backward graph may exist yet in step 2
-        seen_at_forward_end.append(graphs.stats.get("backward_captures", 0))
+    def norm_forward(x):
+        seen.append(graphs.stats["captures"])
         return real_forward(x)
 
     model.model.norm.forward = norm_forward
+    return seen
+
+
+def test_graphs_are_captured_in_the_first_backward_and_match_eager():
+    batches, ref_model, model = _eager_and_graphed(3)
+    graphs = _graphs(model)
+    assert graphs.capture_at == "first_backward"  # the default
+    seen = _captures_at_forward_end(model, graphs)
     ref, got = _train(ref_model, batches), _train(model, batches)
-    assert graphs.stats["captures"] == 3 and graphs.stats["backward_captures"] == 3, graphs.stats
-    assert seen_at_forward_end[:2] == [0, 0] and seen_at_forward_end[2] == 3  # captured in step 2's backward
+    # none in step 1's forward; all three in its backward, so step 2's forward already replays
+    assert seen == [0, 3, 3], seen
+    assert graphs.stats["captures"] == graphs.stats["backward_captures"] == 3, graphs.stats
+    assert graphs.stats["replays"] == 6 and graphs.stats["eager_calls"] == 3, graphs.stats
     _assert_same_training(ref, got)
 
 
-def test_a_failed_lazy_backward_capture_runs_that_backward_eagerly(monkeypatch):
+def test_second_forward_capture_keeps_the_earlier_schedule():
+    batches, ref_model, model = _eager_and_graphed(3)
+    graphs = _graphs(model)
+    graphs.capture_at = "second_forward"  # what `patches={"cuda_graphs_capture": "second_forward"}` builds
+    seen = _captures_at_forward_end(model, graphs)
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    assert seen == [0, 3, 3] and graphs.stats["backward_captures"] == 0, (seen, graphs.stats)
+    assert graphs.stats["replays"] == 6, graphs.stats  # steps 2 and 3: captured in step 2's forward, then replayed
+    _assert_same_training(ref, got)
+
+
+def test_two_forwards_before_the_first_backward_capture_once():
+    """A second forward with the key while its first call waits for its backward captures there; both backwards
+    then replay that capture."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for graphs in (False, "emulate"):
+        model = _llama()
+        enable_checkpointing(model, "unsloth", cuda_graphs=graphs)
+        loss = model(input_ids=ids, labels=ids).loss + 0.5 * model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(model))
+    stats = _graphs(model).stats
+    assert stats["captures"] == 3 and stats["backward_captures"] == 0 and stats["replays"] == 3, stats
+    _assert_same_training([(losses[0], grads[0])], [(losses[1], grads[1])])
+
+
+def test_a_failed_capture_in_the_first_backward_runs_that_backward_eagerly(monkeypatch):
     import hf_fastvision.training.cuda_graphs as cg
 
     real = cg._EmulatedGraph.capture
@@ -301,16 +337,56 @@ def test_a_failed_lazy_backward_capture_runs_that_backward_eagerly(monkeypatch):
 
     monkeypatch.setattr(cg._EmulatedGraph, "capture", capture)
     batches, ref_model, model = _eager_and_graphed(3)
-    graphs = _graphs(model)
-    graphs.lazy_backward = True
     ref, got = _train(ref_model, batches), _train(model, batches)
-    assert "bwd" in calls and graphs.stats["failures"] == 3 and graphs.stats["replays"] == 6, graphs.stats
+    stats = _graphs(model).stats
+    # the first (last layer's) capture fails; the other two layers of that class and shape never try
+    assert calls == ["fwd", "bwd"] and stats["failures"] == 1 and stats["captures"] == 0, (calls, stats)
+    assert stats["replays"] == 0 and stats["eager_calls"] == 9, stats
     _assert_same_training(ref, got)
 
 
-def test_the_lazy_flag_reaches_the_graphs(tiny_checkpoint):
+def test_a_layer_returning_a_tuple_runs_checkpointed_eagerly():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class Block(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states):
+            return (torch.tanh(self.proj(hidden_states)),)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)[0]
+            return x.square().sum()
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for graphs in (False, "emulate"):
+        torch.manual_seed(0)
+        net = Net().train()
+        enable_checkpointing(net, "unsloth", cuda_graphs=graphs)
+        for _ in range(2):
+            net.zero_grad()
+            net(x.clone().requires_grad_(True)).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    stats = _graphs(net).stats
+    assert stats["captures"] == 0 and stats["refused"] == 2, stats
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_the_capture_flag_reaches_the_graphs_and_is_validated(tiny_checkpoint):
     model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), max_seq_length=256,
-                                               patches={"cuda_graphs_lazy_backward": True})
+                                               patches={"cuda_graphs_capture": "second_forward"})
     peft_model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
     enable_checkpointing(peft_model.get_base_model(), "unsloth", cuda_graphs="emulate")
-    assert _graphs(peft_model.get_base_model()).lazy_backward is True
+    assert _graphs(peft_model.get_base_model()).capture_at == "second_forward"
+    with pytest.raises(ValueError, match="first_backward"):
+        FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")), patches={"cuda_graphs_capture": "later"})
