@@ -4,6 +4,7 @@
 # the kit carried (`.devkit`), one part per call:
 #   bash scripts/gpu_plan.sh first      # tests + mva + nf4 below, in one call (start here)
 #   bash scripts/gpu_plan.sh ninth      # GPU tests, then ours on both models at 2048+8192 (the eighth session's tail)
+#   bash scripts/gpu_plan.sh tenth      # graphs GPU tests; Llama ours/unsloth/hf at 2048+8192 (first-backward capture)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -62,6 +63,14 @@ case "${1:-}" in
         --out /tmp/n_$m > /dev/null 2>&1
       cp /tmp/n_$m/results.csv "$out/${m}_ours.csv"; grep "| ours" /tmp/n_$m/results.md | cut -c1-200
     done ;;
+  tenth)  # ~9 minutes: real graphs captured in the first backward (GPU tests) and the fixed RMSNorm grid test; then
+    # Llama with ours, Unsloth and hf in one command at both seqs: the capture step's peak, and load against hf
+    timeout 100 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py tests/kernels/test_rms_norm.py 2>&1 | tail -12 \
+      > "$out/gpu_tests.txt"; tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf --steps 6 \
+      --budget 420 --out /tmp/t_main > /dev/null 2>&1
+    cp /tmp/t_main/results.md /tmp/t_main/results.csv /tmp/t_main/workers.log "$out/"
+    grep "| Llama" "$out/results.md" | cut -c1-200; grep "CUDA graphs\|loaded in" "$out/workers.log" | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
@@ -252,5 +261,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|ninth|tenth|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac
