@@ -5,6 +5,7 @@
 #   bash scripts/gpu_plan.sh first      # tests + mva + nf4 below, in one call (start here)
 #   bash scripts/gpu_plan.sh ninth      # GPU tests, then ours on both models at 2048+8192 (the eighth session's tail)
 #   bash scripts/gpu_plan.sh tenth      # graphs GPU tests; Llama ours/unsloth/hf at 2048+8192 (first-backward capture)
+#   bash scripts/gpu_plan.sh qwen_four  # Qwen2.5-VL-7B: all four systems at 2048+8192 in one command
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -71,6 +72,15 @@ case "${1:-}" in
       --budget 420 --out /tmp/t_main > /dev/null 2>&1
     cp /tmp/t_main/results.md /tmp/t_main/results.csv /tmp/t_main/workers.log "$out/"
     grep "| Llama" "$out/results.md" | cut -c1-200; grep "CUDA graphs\|loaded in" "$out/workers.log" | cut -c1-200 ;;
+  qwen_four)  # ~8 minutes: every Qwen row of the README table from one command, then ours with the earlier capture
+    # schedule (second forward) as the A/B of the first-backward capture's memory and first-step time
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
+      --budget 420 --out /tmp/q4 > /dev/null 2>&1
+    cp /tmp/q4/results.md /tmp/q4/results.csv /tmp/q4/workers.log "$out/"
+    grep "| Qwen" "$out/results.md" | cut -c1-200; grep "CUDA graphs\|loaded in" "$out/workers.log" | cut -c1-200
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
+      --ours-patches '{"cuda_graphs_capture": "second_forward"}' --out /tmp/q_sf > /dev/null 2>&1
+    cp /tmp/q_sf/results.csv "$out/ours_second_forward.csv"; grep "| ours" /tmp/q_sf/results.md | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
@@ -261,5 +271,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|ninth|tenth|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|ninth|tenth|qwen_four|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac

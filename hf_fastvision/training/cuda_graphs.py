@@ -363,7 +363,7 @@ def _layer_grads(call: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor
         with _swapped_params(param_slots, aliases), checkpoint_pass(True):
             out = call(x, tensors)
         wrt = ([x] if hidden_grad else []) + leaves + aliases
-        return list(torch.autograd.grad(out, wrt, grad_outputs=grad_out, allow_unused=True))
+        return list(torch.autograd.grad(out, wrt, grad_outputs=grad_out.to(out.dtype), allow_unused=True))
 
 
 # --------------------------------------------------------------------------------------------------------
