@@ -6,6 +6,7 @@
 #   bash scripts/gpu_plan.sh ninth      # GPU tests, then ours on both models at 2048+8192 (the eighth session's tail)
 #   bash scripts/gpu_plan.sh tenth      # graphs GPU tests; Llama ours/unsloth/hf at 2048+8192 (first-backward capture)
 #   bash scripts/gpu_plan.sh qwen_four  # Qwen2.5-VL-7B: all four systems at 2048+8192 in one command
+#   bash scripts/gpu_plan.sh first_steps # Qwen 2048: host time of ours' first two steps per capture schedule
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -81,6 +82,13 @@ case "${1:-}" in
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
       --ours-patches '{"cuda_graphs_capture": "second_forward"}' --out /tmp/q_sf > /dev/null 2>&1
     cp /tmp/q_sf/results.csv "$out/ours_second_forward.csv"; grep "| ours" /tmp/q_sf/results.md | cut -c1-200 ;;
+  first_steps)  # ~4 minutes: why the first-backward capture made Qwen's cold first step 20 s (second forward: 3.6 s):
+    # each schedule twice, with its own Triton cache (cold, then warm), the stacks of every thread sampled per step
+    python scripts/bench_scaling.py prepare --model qwen2_5_vl_7b --seq 2048 > /dev/null 2>&1
+    for s in first_backward second_forward; do for t in cold warm; do
+      TRITON_CACHE_DIR=/tmp/tc_$s timeout 100 python scripts/first_steps.py --model qwen2_5_vl_7b --seq 2048 \
+        --patches "{\"cuda_graphs_capture\": \"$s\"}" --out "$out/${s}_$t" 2>&1 | grep "^step\|ours" | head -12
+    done; done ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
@@ -271,5 +279,5 @@ case "${1:-}" in
   nf4)
     timeout 120 python scripts/bench_nf4_matmul.py --rows 1 8 16 --out "$out" 2>&1 | tail -20 ;;
   *)
-    echo "usage: bash scripts/gpu_plan.sh first|ninth|tenth|qwen_four|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_plan.sh first|ninth|tenth|qwen_four|first_steps|tests|seventh|rope_ab|dense_ab|llama|llama8k|split_four|split_ab|memory|mem2|table|final|final_prof|next|lean_ab|lean_chunks|probe|cross_ab|qwen|generate|attention|mva|nf4" >&2; exit 2 ;;
 esac
