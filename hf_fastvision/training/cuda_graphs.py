@@ -18,9 +18,10 @@ How (used by `checkpointing.py` in both modes, ``patches={"cuda_graphs": ...}``)
   own backward, before it replays the backward graph; later calls replay. Capturing there, in the first step's
   backward, costs the least memory: the optimizer has no state yet and the forward's working set is gone (a capture
   counts the layer's whole recompute + backward working set as allocated, on top of whatever is live). With
-  ``capture_at="second_forward"`` the second call with a key captures both graphs instead (the earlier design). Anything the graph cannot express (a host sync inside the layer, an unsupported argument type,
-  parameters on several devices or sharded) makes the capture fail or be refused and that key runs eagerly
-  from then on, with one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
+  ``capture_at="second_forward"`` the second call with a key captures both graphs instead (the earlier design).
+  Anything the graph cannot express (a host sync inside the layer, an unsupported argument type, parameters on
+  several devices or sharded) makes the capture fail or be refused and that key runs eagerly from then on, with
+  one log line. At most ``max_keys`` shapes per layer are kept (then new shapes run eagerly).
 - All graphs of a model share one memory pool and static input buffers: layers run one after another and every
   graph's outputs are copied out right after its replay, so their temporaries may overlap.
 - The layer input is offloaded to pinned host memory exactly as in the eager offload mode (`_Box`); in plain
