@@ -3,8 +3,9 @@
 
 Loads the prepared checkpoint the way the benchmarks do (`bench_scaling.py prepare` first), runs `--steps` steps and
 samples every Python thread's stack (the main thread and the autograd engine's, where the checkpointed layers'
-backwards run) every `--interval` seconds during each step. Writes `<out>/first_steps.json` and prints, per step,
-its time and the frames seen most often: the innermost frame, and the innermost frame of our own code.
+backwards run) every `--interval` seconds during each step, times its phases (forward, backward, optimizer, each
+ended by a device sync) and Triton's compilations per thread. Writes `<out>/first_steps.json` and prints, per step,
+its times and the frames seen most often: the innermost frame, and the innermost frame of our own code.
 
     python scripts/bench_scaling.py prepare --model qwen2_5_vl_7b --seq 2048
     python scripts/first_steps.py --model qwen2_5_vl_7b --seq 2048 --patches '{"cuda_graphs_capture": "second_forward"}'
@@ -66,6 +67,49 @@ class StackSampler:
                 "innermost_of_ours": [(k, round(v * scale, 3)) for k, v in self.own.most_common(n)]}
 
 
+class CompileTimer:
+    """Times Triton's compilations (in-memory cache misses: a disk-cache hit still loads the binary) per thread,
+    by wrapping ``JITFunction._do_compile``; inactive where Triton or that method is missing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []  # (kernel, thread name, seconds)
+        self._jit = self._real = None
+
+    def __enter__(self) -> CompileTimer:
+        try:
+            from triton.runtime import jit
+        except ImportError:
+            return self
+        real = getattr(jit.JITFunction, "_do_compile", None)
+        if real is None:
+            return self
+        calls = self.calls
+
+        def timed(fn_self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return real(fn_self, *args, **kwargs)
+            finally:
+                name = getattr(fn_self, "__name__", None) or getattr(getattr(fn_self, "fn", None), "__name__", "?")
+                calls.append((name, threading.current_thread().name, time.perf_counter() - t))
+
+        self._jit, self._real = jit.JITFunction, real
+        jit.JITFunction._do_compile = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._jit is not None:
+            self._jit._do_compile = self._real
+
+    def summary(self) -> dict[str, object]:
+        by_thread: collections.Counter[str] = collections.Counter()
+        for _, thread, secs in self.calls:
+            by_thread[thread] += secs
+        return {"compiles": len(self.calls), "seconds": round(sum(c[2] for c in self.calls), 3),
+                "seconds_by_thread": {k: round(v, 3) for k, v in by_thread.items()},
+                "kernels": sorted({c[0] for c in self.calls})}
+
+
 def _where(frame) -> str:
     code = frame.f_code
     parts = Path(code.co_filename).parts
@@ -96,17 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     for i in range(args.steps):
         sync()
-        with StackSampler(args.interval) as sampler:
-            t = time.perf_counter()
+        with StackSampler(args.interval) as sampler, CompileTimer() as compiles:
+            marks = [time.perf_counter()]
             with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(**batch).loss
+            sync()
+            marks.append(time.perf_counter())
             loss.backward()
+            sync()
+            marks.append(time.perf_counter())
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync()
-            step_s = time.perf_counter() - t
-        steps.append({"step": i + 1, "seconds": round(step_s, 3), "samples": sampler.samples, **sampler.top(args.top)})
-        print(f"step {i + 1}: {step_s:.3f} s", flush=True)
+            marks.append(time.perf_counter())
+        phases = {name: round(b - a, 3) for name, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:])}
+        step_s = marks[-1] - marks[0]
+        steps.append({"step": i + 1, "seconds": round(step_s, 3), "phases": phases, "triton": compiles.summary(),
+                      "samples": sampler.samples, **sampler.top(args.top)})
+        triton_s = steps[-1]["triton"]
+        print(f"step {i + 1}: {step_s:.3f} s {phases}; Triton compiles {triton_s['compiles']} in "
+              f"{triton_s['seconds']} s {triton_s['seconds_by_thread']}", flush=True)
         for kind in ("innermost_of_ours", "innermost"):
             for where, secs in steps[-1][kind][:12]:
                 print(f"  {kind:17s} {secs:8.3f} s  {where}")

@@ -30,3 +30,27 @@ def test_the_sampler_counts_every_thread_and_the_innermost_frame_of_ours(script_
     assert sum(sampler.own[k] for k in spin) > sampler.samples
     top = sampler.top(3)
     assert top["innermost_of_ours"][0][0] in spin and top["innermost_of_ours"][0][1] > 0
+
+
+def test_the_compile_timer_records_triton_compilations_per_thread_and_restores_triton(script_module, monkeypatch):
+    jit = __import__("pytest").importorskip("triton.runtime.jit")
+    fs = script_module("first_steps")
+
+    def fake_compile(self, *args, **kwargs):  # stands in for a real compilation
+        time.sleep(0.01)
+        return "kernel"
+
+    monkeypatch.setattr(jit.JITFunction, "_do_compile", fake_compile)
+
+    class Kernel:
+        __name__ = "_rms_norm_fwd_kernel"
+
+    with fs.CompileTimer() as timer:
+        assert jit.JITFunction._do_compile(Kernel()) == "kernel"
+        worker = threading.Thread(target=jit.JITFunction._do_compile, args=(Kernel(),), name="autograd-like")
+        worker.start()
+        worker.join()
+    assert jit.JITFunction._do_compile is fake_compile
+    summary = timer.summary()
+    assert summary["compiles"] == 2 and summary["kernels"] == ["_rms_norm_fwd_kernel"]
+    assert set(summary["seconds_by_thread"]) == {"MainThread", "autograd-like"} and summary["seconds"] >= 0.02
