@@ -82,12 +82,15 @@ case "${1:-}" in
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours --steps 6 --budget 100 \
       --ours-patches '{"cuda_graphs_capture": "second_forward"}' --out /tmp/q_sf > /dev/null 2>&1
     cp /tmp/q_sf/results.csv "$out/ours_second_forward.csv"; grep "| ours" /tmp/q_sf/results.md | cut -c1-200 ;;
-  first_steps)  # ~4 minutes: why the first-backward capture made Qwen's cold first step 20 s (second forward: 3.6 s):
-    # each schedule twice, with its own Triton cache (cold, then warm), the stacks of every thread sampled per step
+  first_steps)  # ~4 minutes: why the first-backward capture made Qwen's first step 20 s on a fresh machine (second
+    # forward: 7.4 s, but it ran later, after the machine's CUDA JIT cache had filled): each schedule twice, with its
+    # own Triton cache and CUDA JIT cache (cold, then warm), second_forward first this time; every thread's stacks
+    # sampled, the phases timed and Triton's compilations timed per thread
     python scripts/bench_scaling.py prepare --model qwen2_5_vl_7b --seq 2048 > /dev/null 2>&1
-    for s in first_backward second_forward; do for t in cold warm; do
-      TRITON_CACHE_DIR=/tmp/tc_$s timeout 100 python scripts/first_steps.py --model qwen2_5_vl_7b --seq 2048 \
-        --patches "{\"cuda_graphs_capture\": \"$s\"}" --out "$out/${s}_$t" 2>&1 | grep "^step\|ours" | head -12
+    for s in second_forward first_backward; do for t in cold warm; do
+      TRITON_CACHE_DIR=/tmp/tc_$s CUDA_CACHE_PATH=/tmp/nvc_$s timeout 100 python scripts/first_steps.py \
+        --model qwen2_5_vl_7b --seq 2048 --patches "{\"cuda_graphs_capture\": \"$s\"}" --out "$out/${s}_$t" 2>&1 \
+        | grep "^step\|ours" | head -12
     done; done ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
