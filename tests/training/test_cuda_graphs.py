@@ -287,9 +287,12 @@ def test_graphs_are_captured_in_the_first_backward_and_match_eager():
     graphs = _graphs(model)
     assert graphs.capture_at == "first_backward"  # the default
     seen = _captures_at_forward_end(model, graphs)
-    ref, got = _train(ref_model, batches), _train(model, batches)
+    ref = _train(ref_model, batches)
+    got = _train(model, batches[:1])
+    after_step_1 = graphs.stats["captures"]
+    got += _train(model, batches[1:])
     # none in step 1's forward; all three in its backward, so step 2's forward already replays
-    assert seen == [0, 3, 3], seen
+    assert seen == [0, 3, 3] and after_step_1 == 3, (seen, after_step_1)
     assert graphs.stats["captures"] == graphs.stats["backward_captures"] == 3, graphs.stats
     assert graphs.stats["replays"] == 6 and graphs.stats["eager_calls"] == 3, graphs.stats
     _assert_same_training(ref, got)
@@ -300,8 +303,13 @@ def test_second_forward_capture_keeps_the_earlier_schedule():
     graphs = _graphs(model)
     graphs.capture_at = "second_forward"  # what `patches={"cuda_graphs_capture": "second_forward"}` builds
     seen = _captures_at_forward_end(model, graphs)
-    ref, got = _train(ref_model, batches), _train(model, batches)
-    assert seen == [0, 3, 3] and graphs.stats["backward_captures"] == 0, (seen, graphs.stats)
+    ref = _train(ref_model, batches)
+    got = _train(model, batches[:1])
+    after_step_1 = graphs.stats["captures"]
+    got += _train(model, batches[1:])
+    # step 1 eager; step 2's forward captures (before its final norm runs)
+    assert seen == [0, 3, 3] and after_step_1 == 0, (seen, after_step_1)
+    assert graphs.stats["backward_captures"] == 0, graphs.stats
     assert graphs.stats["replays"] == 6, graphs.stats  # steps 2 and 3: captured in step 2's forward, then replayed
     _assert_same_training(ref, got)
 
