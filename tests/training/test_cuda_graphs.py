@@ -269,28 +269,29 @@ def test_a_failed_capture_leaves_other_layer_classes_graphed(tiny_checkpoint, mo
     assert stats["captures"] == attempts.count("Qwen2_5_VLDecoderLayer") > 0, (attempts, stats)
 
 
-def _captures_at_forward_end(model, graphs) -> list[int]:
-    """The capture count each time the final norm runs (after every layer's forward of a step)."""
+def _train_counting_captures(capture_at: str):
+    """Eager and graphed training of 3 steps with the given schedule: (eager results, graphed results, graphs,
+    the capture count when each step's final norm runs, the capture count after step 1)."""
+    batches, ref_model, model = _eager_and_graphed(3)
+    graphs = _graphs(model)
+    graphs.capture_at = capture_at  # what `patches={"cuda_graphs_capture": ...}` builds
     seen = []
     real_forward = model.model.norm.forward
 
-    def norm_forward(x):
+    def norm_forward(x):  # runs after every layer's forward of a step
         seen.append(graphs.stats["captures"])
         return real_forward(x)
 
     model.model.norm.forward = norm_forward
-    return seen
-
-
-def test_graphs_are_captured_in_the_first_backward_and_match_eager():
-    batches, ref_model, model = _eager_and_graphed(3)
-    graphs = _graphs(model)
-    assert graphs.capture_at == "first_backward"  # the default
-    seen = _captures_at_forward_end(model, graphs)
-    ref = _train(ref_model, batches)
     got = _train(model, batches[:1])
     after_step_1 = graphs.stats["captures"]
     got += _train(model, batches[1:])
+    return _train(ref_model, batches), got, graphs, seen, after_step_1
+
+
+def test_graphs_are_captured_in_the_first_backward_and_match_eager():
+    assert _graphs(_eager_and_graphed(1)[2]).capture_at == "first_backward"  # the default
+    ref, got, graphs, seen, after_step_1 = _train_counting_captures("first_backward")
     # none in step 1's forward; all three in its backward, so step 2's forward already replays
     assert seen == [0, 3, 3] and after_step_1 == 3, (seen, after_step_1)
     assert graphs.stats["captures"] == graphs.stats["backward_captures"] == 3, graphs.stats
@@ -299,14 +300,7 @@ def test_graphs_are_captured_in_the_first_backward_and_match_eager():
 
 
 def test_second_forward_capture_keeps_the_earlier_schedule():
-    batches, ref_model, model = _eager_and_graphed(3)
-    graphs = _graphs(model)
-    graphs.capture_at = "second_forward"  # what `patches={"cuda_graphs_capture": "second_forward"}` builds
-    seen = _captures_at_forward_end(model, graphs)
-    ref = _train(ref_model, batches)
-    got = _train(model, batches[:1])
-    after_step_1 = graphs.stats["captures"]
-    got += _train(model, batches[1:])
+    ref, got, graphs, seen, after_step_1 = _train_counting_captures("second_forward")
     # step 1 eager; step 2's forward captures (before its final norm runs)
     assert seen == [0, 3, 3] and after_step_1 == 0, (seen, after_step_1)
     assert graphs.stats["backward_captures"] == 0, graphs.stats
