@@ -7,6 +7,7 @@
 #   bash scripts/gpu_plan.sh tenth      # graphs GPU tests; Llama ours/unsloth/hf at 2048+8192 (first-backward capture)
 #   bash scripts/gpu_plan.sh qwen_four  # Qwen2.5-VL-7B: all four systems at 2048+8192 in one command
 #   bash scripts/gpu_plan.sh first_steps # Qwen 2048: host time of ours' first two steps per capture schedule
+#   bash scripts/gpu_plan.sh eleventh   # first_steps, then cProfile of ours' and hf's Qwen load
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -92,6 +93,14 @@ case "${1:-}" in
         --model qwen2_5_vl_7b --seq 2048 --patches "{\"cuda_graphs_capture\": \"$s\"}" --out "$out/${s}_$t" 2>&1 \
         | grep "^step\|ours" | head -12
     done; done ;;
+  eleventh)  # ~6 minutes: first_steps above (both capture schedules, cold then warm, second_forward first), then
+    # where ours' and hf's Qwen load time goes, under cProfile (ours' LoRA phase took 1.7 s against hf's 1.0 s)
+    bash "$0" first_steps
+    for s in ours hf; do
+      timeout 90 python scripts/profile_load.py --model qwen2_5_vl_7b --system $s --top 30 --out "$out" 2>&1 \
+        | grep -v "Loading weights" | head -75 > "$out/profile_load_$s.txt"
+      head -1 "$out/profile_load_$s.txt"
+    done ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
