@@ -20,6 +20,11 @@ labels = input_ids with the image tokens masked). Load time: model + processor +
 loads its processor: ours and unsloth return one, the plain recipe calls AutoProcessor; before 2026-12-01 the hf
 and liger rows loaded no processor). Step time: median of steps 3..N (wall clock, CUDA
 synchronized). Peak memory: `torch.cuda.max_memory_allocated` over loading and the steps.
+Caches (`--caches fresh`, the default since 2026-12-02): every system starts with its own empty Triton, Inductor
+and CUDA JIT caches, so its first step pays its own compilations and none inherits another's (cuDNN's attention
+plans land partly in the CUDA JIT cache, which the first system used to fill for the later ones). Before the first
+system a warm-up process (`--warmup on`, throwaway caches) reads the CUDA libraries into the page cache, so no
+system pays the machine's first cold reads for being first (before, ours always ran first).
 
 On the GPU machine (which cannot download anything) begin with
     mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz && \
@@ -449,8 +454,26 @@ def _save_processor(model: str, config, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def _worker_env() -> dict[str, str]:
+CACHE_VARS = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+def _fresh_caches(work: Path, name: str) -> dict[str, str]:
+    """Empty Triton, Inductor and CUDA JIT cache folders for one process (`--caches fresh`)."""
+    import shutil
+
+    root = work / "caches" / name
+    shutil.rmtree(root, ignore_errors=True)
+    env = {}
+    for var in CACHE_VARS:
+        folder = root / var.lower()
+        folder.mkdir(parents=True)
+        env[var] = str(folder)
+    return env
+
+
+def _worker_env(caches: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(caches or {})
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(REPO) not in parts:
         parts.append(str(REPO))
@@ -478,6 +501,46 @@ def steady_step(times: list[float], planned: int, status: str, err: str | None):
     return step_s, median_of, status, err
 
 
+WARMUP_CODE = """
+import torch, torch.nn.functional as F
+x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+(x @ x).float().sum().backward()
+q = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+F.conv2d(torch.randn(1, 3, 64, 64, device="cuda"), torch.randn(8, 3, 14, 14, device="cuda"), stride=14)
+try:
+    import triton, triton.language as tl
+
+    @triton.jit
+    def _add_one(ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.load(ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    y = torch.zeros(1000, device="cuda")
+    _add_one[(4,)](y, 1000, BLOCK=256)
+except ImportError:
+    pass
+torch.cuda.synchronize()
+"""
+
+
+def warm_machine(work: Path) -> float | None:
+    """Run a short CUDA process (a GEMM, SDPA forward and backward, a convolution, a tiny Triton kernel) with
+    throwaway caches, so the CUDA, cuDNN and Triton libraries are in the page cache before the first system: that
+    first read is the machine's, not the first system's. Returns its seconds (None when it failed)."""
+    t0 = time.perf_counter()
+    env = _worker_env(_fresh_caches(work, "warmup"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", WARMUP_CODE], env=env, capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:
+        print(f"warm-up failed (rc {proc.returncode}): {_short(proc.stderr, 300)}", flush=True)
+        return None
+    return round(time.perf_counter() - t0, 1)
+
+
 def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[str, Any]]:
     work = Path(args.workdir)
     result_path = work / f"result_{system}.json"
@@ -494,7 +557,8 @@ def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[
     t0 = time.perf_counter()
     status_override = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(), cwd=str(REPO),
+        caches = _fresh_caches(work, system) if args.caches == "fresh" else None
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(caches), cwd=str(REPO),
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -618,6 +682,8 @@ def _header_text(meta: dict[str, Any]) -> str:
         f"checkpoint: {meta.get('checkpoint_gb')} GB bf16 ({meta.get('created')}, {meta.get('create_s')} s), seeded "
         f"random init" + (f"; {meta['gates_opened']} zero-initialised tanh gates set to {_gate_value()} so the image "
                           "reaches the loss" if meta.get("gates_opened") else ""),
+        f"caches: {meta.get('caches', 'shared')} per system (Triton, Inductor, CUDA JIT); warm-up process "
+        + (f"{meta['warmup_s']} s before the first system" if meta.get("warmup_s") else "none"),
     ]
     return "\n".join(lines)
 
@@ -643,13 +709,17 @@ def parent_main(args) -> int:
     meta = {
         "model": args.model, "model_label": spec["label"], "layers": args.layers, "device_name": device_name,
         "versions": versions, "batch": args.batch, "steps": args.steps, "seqs": args.seqs,
-        "systems": args.systems, "autocast": args.autocast, "hf_upcast": args.hf_upcast, **info,
+        "systems": args.systems, "autocast": args.autocast, "hf_upcast": args.hf_upcast, "caches": args.caches,
+        **info,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows: list[dict[str, Any]] = []
     logs = []
     budget_end = t_start + args.budget
+    if args.warmup == "on" and device == "cuda":
+        meta["warmup_s"] = warm_machine(Path(args.workdir))
+        print(f"[{time.time() - t_start:6.1f} s] warm-up process (throwaway caches): {meta['warmup_s']} s", flush=True)
     for i, system in enumerate(args.systems):
         remaining = budget_end - time.time()
         left = len(args.systems) - i
@@ -966,7 +1036,8 @@ def worker_main(args) -> int:
             torch.cuda.reset_peak_memory_stats()
         try:
             for i in range(args.steps):
-                est = times[-1] if times else 0.0
+                # step 1 is compile and warm-up: its time says nothing about step 2's, and a row needs step 2
+                est = times[-1] if len(times) >= 2 else 0.0
                 if time.time() + est > args.deadline:
                     status, err = "ok", f"time budget: {len(times)} of {args.steps} steps"
                     break
@@ -1045,6 +1116,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-upcast", choices=["on", "off"], default="on",
                    help="hf/liger: prepare_model_for_kbit_training (casts every 16-bit weight to fp32, as tutorials "
                         "do) or off (freeze only: the 16-bit weights stay bf16, as ours and unsloth keep them)")
+    p.add_argument("--caches", choices=["fresh", "shared"], default="fresh",
+                   help="fresh: each system starts with empty Triton, Inductor and CUDA JIT caches; shared: the "
+                        "process's own (a later system inherits what an earlier one compiled)")
+    p.add_argument("--warmup", choices=["on", "off"], default="on",
+                   help="on CUDA, a short process with throwaway caches reads the CUDA libraries in first")
     p.add_argument("--out", default="bench_qlora_out")
     p.add_argument("--workdir", default=None, help="checkpoint + batch folder (default /tmp/bench_qlora_<model>)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint even if the folder matches")

@@ -8,6 +8,8 @@
 #   bash scripts/gpu_plan.sh qwen_four  # Qwen2.5-VL-7B: all four systems at 2048+8192 in one command
 #   bash scripts/gpu_plan.sh first_steps # Qwen 2048: host time of ours' first two steps per capture schedule
 #   bash scripts/gpu_plan.sh eleventh   # first_steps, then cProfile of ours' and hf's Qwen load
+#   bash scripts/gpu_plan.sh twelfth    # SDPA first calls per backend; Qwen table with fresh caches; vision_sdpa A/B
+#   bash scripts/gpu_plan.sh llama_table # Llama table: four systems at 2048+8192 with fresh caches
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -101,6 +103,24 @@ case "${1:-}" in
         | grep -v "Loading weights" | head -75 > "$out/profile_load_$s.txt"
       head -1 "$out/profile_load_$s.txt"
     done ;;
+  twelfth)  # ~9.5 minutes: the vision_sdpa GPU test; the Qwen table (four systems, each with its own empty caches
+    # after a warm-up process); ours with vision_sdpa "default" at 2048 as the A/B of the flash order (first step,
+    # step time); last, the SDPA first-call cost per backend (cold/warm CUDA JIT cache)
+    timeout 60 python -m pytest -q tests/gpu/test_vision_sdpa_gpu.py 2>&1 | tail -5 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
+      --budget 410 --out /tmp/q12 > /dev/null 2>&1
+    cp /tmp/q12/results.md /tmp/q12/results.csv /tmp/q12/workers.log "$out/"
+    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 80 \
+      --warmup off --ours-patches '{"vision_sdpa": "default"}' --out /tmp/q12ab > /dev/null 2>&1
+    cp /tmp/q12ab/results.csv "$out/ours_vision_sdpa_default.csv"; grep "| ours" /tmp/q12ab/results.md | cut -c1-200
+    timeout 60 python scripts/bench_sdpa_first_call.py --backends cudnn flash --out "$out" 2>&1 | tail -8 ;;
+  llama_table)  # ~10 minutes: the Llama table, four systems at 2048+8192, each with its own empty caches
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf liger \
+      --steps 6 --budget 545 --out /tmp/l12 > /dev/null 2>&1
+    cp /tmp/l12/results.md /tmp/l12/results.csv /tmp/l12/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

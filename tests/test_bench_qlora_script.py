@@ -40,6 +40,24 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
     assert rows["ours"]["n_lora"] == rows["hf"]["n_lora"] and int(rows["ours"]["n_lora"]) > 0
     table = (out / "results.md").read_text()
     assert "| tiny qwen2_5_vl | 128 | ours |" in table and "| tiny qwen2_5_vl | 128 | hf |" in table
+    # each system ran with its own cache folders (`--caches fresh`, the default)
+    for system in ("ours", "hf"):
+        assert (tmp_path / "work" / "caches" / system / "triton_cache_dir").is_dir()
+    assert "caches: fresh per system" in done.stdout
+
+
+def test_fresh_caches_are_empty_per_process_and_the_worker_env_carries_them(script_module, tmp_path):
+    bq = script_module("bench_qlora")
+    first = bq._fresh_caches(tmp_path, "ours")
+    assert set(first) == set(bq.CACHE_VARS)
+    (Path(first["TRITON_CACHE_DIR"]) / "kernel.cubin").write_text("x")
+    again = bq._fresh_caches(tmp_path, "ours")  # a rerun starts empty again
+    assert again == first and not any(Path(again["TRITON_CACHE_DIR"]).iterdir())
+    other = bq._fresh_caches(tmp_path, "hf")
+    assert all(other[v] != first[v] for v in bq.CACHE_VARS)
+    env = bq._worker_env(other)
+    assert env["CUDA_CACHE_PATH"] == other["CUDA_CACHE_PATH"] and env["HF_HUB_OFFLINE"] == "1"
+    assert bq._worker_env().get("CUDA_CACHE_PATH") == os.environ.get("CUDA_CACHE_PATH")  # shared: untouched
 
 
 def test_a_row_with_only_the_warm_up_step_reports_no_step_time(script_module):
