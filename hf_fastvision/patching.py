@@ -60,7 +60,6 @@ __all__ = [
     "original_forward",
 ]
 
-VISION_SDPA_ORDERS = ("flash", "default")
 _ORIGINAL = "_hffv_original_forward"
 _KIND = "_hffv_patch"
 _SUSPENDED = "_hffv_suspended_forward"
@@ -89,12 +88,6 @@ class PatchOptions:
     """Chunked linear + cross-entropy loss that never materialises the logits."""
     vision_attention: bool = True
     """The spec's vision-attention forward (Qwen-VL: equal-length windows in one SDPA call)."""
-    vision_sdpa: str = "flash"
-    """The SDPA backend order of the spec's vision-attention forward (Qwen-VL towers): ``"flash"`` tries the compiled
-    FlashAttention kernels first (then memory-efficient, cuDNN, math), ``"default"`` keeps torch's order (cuDNN first
-    on Hopper). cuDNN builds a plan per new shape on its first call, part of it through the CUDA JIT cache, which is
-    empty on a machine's first run: 2.9 s of Qwen2.5-VL-7B's cold first step went to the vision tower's SDPA calls
-    on an H200 (`scripts/results/h200_2026-12-02e_eleventh/`), 0.4 s with a warm cache."""
     vision_attention_split: bool | str = True
     """Mllama's vision attention as the exact maskless split (`archs/_mllama_vision_attention.py`; 0.728 -> 0.637 s
     per Llama-3.2-11B-Vision step on an H200, as one flash varlen call). Where every image of the batch has the
@@ -129,8 +122,6 @@ class PatchOptions:
 
         if self.cuda_graphs_capture not in CAPTURE_POINTS:
             raise ValueError(f"cuda_graphs_capture must be one of {CAPTURE_POINTS}, got {self.cuda_graphs_capture!r}")
-        if self.vision_sdpa not in VISION_SDPA_ORDERS:
-            raise ValueError(f"vision_sdpa must be one of {VISION_SDPA_ORDERS}, got {self.vision_sdpa!r}")
         for name in ("vision_attention_split", "cross_attention_split"):
             if getattr(self, name) not in (True, False, "varlen"):
                 raise ValueError(f"{name} must be True, False or 'varlen', got {getattr(self, name)!r}")
@@ -359,7 +350,6 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
             if _bind(module, "vision_attention", attention[1]):
                 counts["vision_attention"] += 1
                 module.__dict__["_hffv_rope"] = rope  # the spec's forward reads it (fused rotary where it has one)
-                module.__dict__["_hffv_vision_sdpa"] = opts.vision_sdpa
                 module.__dict__["_hffv_split_varlen"] = opts.vision_attention_split == "varlen"
             continue
         if states and _under(name, roots.vision) and type(module).__name__.endswith(states[0]):

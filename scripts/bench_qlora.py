@@ -530,13 +530,15 @@ def warm_machine(work: Path) -> float | None:
     first read is the machine's, not the first system's. Returns its seconds (None when it failed)."""
     t0 = time.perf_counter()
     env = _worker_env(_fresh_caches(work, "warmup"))
+    script = work / "caches" / "warmup.py"  # a file: Triton reads a kernel's source, which `python -c` has not
+    script.write_text(WARMUP_CODE)
     try:
-        proc = subprocess.run([sys.executable, "-c", WARMUP_CODE], env=env, capture_output=True, text=True,
-                              timeout=180)
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
+        print("warm-up process timed out (180 s)", flush=True)
         return None
     if proc.returncode != 0:
-        print(f"warm-up failed (rc {proc.returncode}): {_short(proc.stderr, 300)}", flush=True)
+        print(f"warm-up process failed (rc {proc.returncode}): {_short(proc.stderr, 300)}", flush=True)
         return None
     return round(time.perf_counter() - t0, 1)
 
@@ -683,7 +685,8 @@ def _header_text(meta: dict[str, Any]) -> str:
         f"random init" + (f"; {meta['gates_opened']} zero-initialised tanh gates set to {_gate_value()} so the image "
                           "reaches the loss" if meta.get("gates_opened") else ""),
         f"caches: {meta.get('caches', 'shared')} per system (Triton, Inductor, CUDA JIT); warm-up process "
-        + (f"{meta['warmup_s']} s before the first system" if meta.get("warmup_s") else "none"),
+        + (f"{meta['warmup_s']} s before the first system" if meta.get("warmup_s")
+           else "FAILED (see the run's output)" if meta.get("warmup_failed") else "none"),
     ]
     return "\n".join(lines)
 
@@ -720,6 +723,8 @@ def parent_main(args) -> int:
     if args.warmup == "on" and device == "cuda":
         meta["warmup_s"] = warm_machine(Path(args.workdir))
         print(f"[{time.time() - t_start:6.1f} s] warm-up process (throwaway caches): {meta['warmup_s']} s", flush=True)
+        if meta["warmup_s"] is None:
+            meta["warmup_failed"] = True
     for i, system in enumerate(args.systems):
         remaining = budget_end - time.time()
         left = len(args.systems) - i

@@ -10,6 +10,7 @@
 #   bash scripts/gpu_plan.sh eleventh   # first_steps, then cProfile of ours' and hf's Qwen load
 #   bash scripts/gpu_plan.sh twelfth    # SDPA first calls per backend; Qwen table with fresh caches; vision_sdpa A/B
 #   bash scripts/gpu_plan.sh llama_table # Llama table: four systems at 2048+8192 with fresh caches
+#   bash scripts/gpu_plan.sh thirteenth # the Llama table (fresh caches, warm-up), then ours alone on Qwen
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -103,7 +104,7 @@ case "${1:-}" in
         | grep -v "Loading weights" | head -75 > "$out/profile_load_$s.txt"
       head -1 "$out/profile_load_$s.txt"
     done ;;
-  twelfth)  # ~9.5 minutes: the vision_sdpa GPU test; the Qwen table (four systems, each with its own empty caches
+  twelfth)  # (ran once, 2026-12-02; its test file and the vision_sdpa flag are gone) ~9.5 minutes: the vision_sdpa GPU test; the Qwen table (four systems, each with its own empty caches
     # after a warm-up process); ours with vision_sdpa "default" at 2048 as the A/B of the flash order (first step,
     # step time); last, the SDPA first-call cost per backend (cold/warm CUDA JIT cache)
     timeout 60 python -m pytest -q tests/gpu/test_vision_sdpa_gpu.py 2>&1 | tail -5 > "$out/gpu_tests.txt"
@@ -121,6 +122,16 @@ case "${1:-}" in
       --steps 6 --budget 545 --out /tmp/l12 > /dev/null 2>&1
     cp /tmp/l12/results.md /tmp/l12/results.csv /tmp/l12/workers.log "$out/"
     grep "| Llama\|caches:" "$out/results.md" | cut -c1-200 ;;
+  thirteenth)  # ~9.5 minutes: the Llama table (four systems at 2048+8192, each with its own empty caches, after the
+    # warm-up process), then ours alone on Qwen at 2048+8192 (the twelfth command's ours ran the since-removed flash
+    # order for the vision attention, whose sdpa_kernel priority outlived its context: text attention at 8192 slowed)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf liger \
+      --steps 6 --budget 450 --out /tmp/l13 > /tmp/l13.txt 2>&1
+    cp /tmp/l13/results.md /tmp/l13/results.csv /tmp/l13/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200; grep "warm-up" /tmp/l13.txt
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
+      --warmup off --out /tmp/q13 > /dev/null 2>&1
+    cp /tmp/q13/results.csv "$out/qwen_ours.csv"; grep "| Qwen" /tmp/q13/results.md | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

@@ -69,3 +69,18 @@ def test_a_row_with_only_the_warm_up_step_reports_no_step_time(script_module):
     assert steady_step([3.0, 2.0], 6, "ok", None)[:3] == (2.0, "steps 2..2", "ok")
     assert steady_step([0.5], 1, "ok", None)[:3] == (0.5, "step 1", "ok")  # one step asked for, one step given
     assert steady_step([], 6, "OOM", "step 1: OOM")[:3] == (None, "none", "OOM")
+
+
+def test_the_warm_up_runs_its_code_from_a_file_with_throwaway_caches(script_module, tmp_path, monkeypatch, capsys):
+    bq = script_module("bench_qlora")
+    # the real code needs CUDA; this stand-in checks what the real one relies on: a file (Triton reads a
+    # kernel's source) and its own cache folders
+    monkeypatch.setattr(bq, "WARMUP_CODE", "import inspect, os\n"
+                        "def f():\n    pass\n"
+                        "assert inspect.getsource(f)\n"
+                        "assert os.environ['TRITON_CACHE_DIR'].endswith('warmup/triton_cache_dir')\n")
+    seconds = bq.warm_machine(tmp_path)
+    assert seconds is not None and seconds >= 0
+    monkeypatch.setattr(bq, "WARMUP_CODE", "raise SystemExit('no GPU here')\n")
+    assert bq.warm_machine(tmp_path) is None
+    assert "warm-up process failed" in capsys.readouterr().out

@@ -13,7 +13,6 @@ image needs one or two calls per layer. Anything but the ``sdpa`` implementation
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any
 
@@ -21,24 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["grouped_chunk_attention_forward", "sdpa_order"]
-
-
-def sdpa_order(order: str, tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """SDPA's backend order for the calls inside: ``"flash"`` on CUDA tries FlashAttention first, then the
-    memory-efficient kernel, cuDNN and math (the first that supports the inputs runs; the backward follows the
-    forward's kernel); anything else, or a CPU tensor, keeps torch's order. Both ways give the same attention within
-    bf16 rounding; FlashAttention ships compiled, where cuDNN builds a plan on the first call of each shape."""
-    if order != "flash" or not tensor.is_cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                SDPBackend.MATH]
-    try:
-        return sdpa_kernel(backends, set_priority=True)
-    except TypeError:  # torch without set_priority: the listed backends in torch's own order
-        return sdpa_kernel(backends)
+__all__ = ["grouped_chunk_attention_forward"]
 
 
 def grouped_chunk_attention_forward(
@@ -74,13 +56,11 @@ def grouped_chunk_attention_forward(
         if end > start:
             groups.setdefault(end - start, []).append(start)
     dropout = self.attention_dropout if self.training else 0.0
-    order = self.__dict__.get("_hffv_vision_sdpa", "default")
 
     def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, n: int, length: int) -> torch.Tensor:
         shape = (n, length, heads, head_dim)
         qs, ks, vs = (t.reshape(shape).transpose(1, 2) for t in (qs, ks, vs))  # [n, heads, length, head_dim]
-        with sdpa_order(order, qs):
-            out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=self.scaling)
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=self.scaling)
         return out.transpose(1, 2).reshape(n * length, heads, head_dim)
 
     if len(groups) == 1:  # every chunk has the same length: a view, no gather

@@ -80,33 +80,3 @@ def test_whole_model_windowed_batch_matches(tiny_checkpoint):
     with unpatched(model):
         ref = model(**batch).loss
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_the_vision_sdpa_order_reaches_each_attention_and_a_bad_one_is_refused(tiny_checkpoint):
-    from hf_fastvision.patching import PatchOptions
-
-    folder = tiny_checkpoint("qwen2_5_vl")
-    for order in ("flash", "default"):
-        model = AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True, dtype=torch.float32,
-                                                    patches={"vision_sdpa": order})
-        attns = [m for m in model.modules() if type(m).__name__.endswith("VisionAttention")]
-        assert attns and all(m.__dict__["_hffv_vision_sdpa"] == order for m in attns)
-    assert PatchOptions().vision_sdpa == "flash"
-    with pytest.raises(ValueError, match="vision_sdpa must be one of"):
-        PatchOptions(vision_sdpa="cudnn")
-
-
-def test_the_flash_order_leaves_cpu_calls_and_the_default_order_to_torch(monkeypatch):
-    import contextlib
-
-    from hf_fastvision.archs._vision_attention import sdpa_order
-
-    entered = []
-    import torch.nn.attention as attention
-
-    real = attention.sdpa_kernel
-    monkeypatch.setattr(attention, "sdpa_kernel", lambda *a, **k: entered.append((a, k)) or real(*a, **k))
-    x = torch.zeros(2, 2)
-    assert isinstance(sdpa_order("flash", x), contextlib.nullcontext)  # CPU: torch's order
-    assert isinstance(sdpa_order("default", x), contextlib.nullcontext)
-    assert not entered
