@@ -23,8 +23,9 @@ synchronized). Peak memory: `torch.cuda.max_memory_allocated` over loading and t
 Caches (`--caches fresh`, the default since 2026-12-02): every system starts with its own empty Triton, Inductor
 and CUDA JIT caches, so its first step pays its own compilations and none inherits another's (cuDNN's attention
 plans land partly in the CUDA JIT cache, which the first system used to fill for the later ones). Before the first
-system a warm-up process (`--warmup on`, throwaway caches) reads the CUDA libraries into the page cache, so no
-system pays the machine's first cold reads for being first (before, ours always ran first).
+system a warm-up process (`--warmup on`, throwaway caches) reads the CUDA libraries into the page cache, and
+`os.sync()` waits out the flush of a checkpoint just written, so no system pays the machine's first cold reads or
+the checkpoint's write-back for being first (before, ours always ran first).
 
 On the GPU machine (which cannot download anything) begin with
     mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz && \
@@ -720,6 +721,11 @@ def parent_main(args) -> int:
     all_rows: list[dict[str, Any]] = []
     logs = []
     budget_end = t_start + args.budget
+    if hasattr(os, "sync"):  # the checkpoint just written is still being flushed: not the first system's I/O to wait on
+        t_sync = time.perf_counter()
+        os.sync()
+        meta["sync_s"] = round(time.perf_counter() - t_sync, 1)
+        print(f"[{time.time() - t_start:6.1f} s] os.sync() after the checkpoint: {meta['sync_s']} s", flush=True)
     if args.warmup == "on" and device == "cuda":
         meta["warmup_s"] = warm_machine(Path(args.workdir))
         print(f"[{time.time() - t_start:6.1f} s] warm-up process (throwaway caches): {meta['warmup_s']} s", flush=True)

@@ -11,6 +11,7 @@
 #   bash scripts/gpu_plan.sh twelfth    # SDPA first calls per backend; Qwen table with fresh caches; vision_sdpa A/B
 #   bash scripts/gpu_plan.sh llama_table # Llama table: four systems at 2048+8192 with fresh caches
 #   bash scripts/gpu_plan.sh thirteenth # the Llama table (fresh caches, warm-up), then ours alone on Qwen
+#   bash scripts/gpu_plan.sh sync_check # Qwen 2048 ours + hf after os.sync(): the order effect on first step and load
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -132,6 +133,12 @@ case "${1:-}" in
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours --steps 6 --budget 120 \
       --warmup off --out /tmp/q13 > /dev/null 2>&1
     cp /tmp/q13/results.csv "$out/qwen_ours.csv"; grep "| Qwen" /tmp/q13/results.md | cut -c1-200 ;;
+  sync_check)  # ~2.5 minutes: ours and hf on Qwen 2048 (3 steps), the checkpoint built fresh, then os.sync() and the
+    # warm-up before the first system: is ours' first step (13.9 vs 19.6 s) and load (vs hf) an order effect?
+    timeout 170 python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours hf --steps 3 \
+      --budget 150 --out /tmp/sc > /tmp/sc.txt 2>&1
+    cp /tmp/sc/results.md /tmp/sc/results.csv /tmp/sc/workers.log "$out/" 2>/dev/null
+    grep "os.sync\|warm-up\|| Qwen" /tmp/sc.txt | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
