@@ -135,8 +135,8 @@ case "${1:-}" in
     cp /tmp/q13/results.csv "$out/qwen_ours.csv"; grep "| Qwen" /tmp/q13/results.md | cut -c1-200 ;;
   sync_check)  # ~2.5 minutes: ours and hf on Qwen 2048 (3 steps), the checkpoint built fresh, then os.sync() and the
     # warm-up before the first system: is ours' first step (13.9 vs 19.6 s) and load (vs hf) an order effect?
-    timeout 170 python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours hf --steps 3 \
-      --budget 150 --out /tmp/sc > /tmp/sc.txt 2>&1
+    timeout 150 python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours hf --steps 3 \
+      --budget 140 --out /tmp/sc > /tmp/sc.txt 2>&1
     cp /tmp/sc/results.md /tmp/sc/results.csv /tmp/sc/workers.log "$out/" 2>/dev/null
     grep "os.sync\|warm-up\|| Qwen" /tmp/sc.txt | cut -c1-200 ;;
   tests)
