@@ -113,9 +113,9 @@ class PatchOptions:
     optimizer has no state yet and the forward's working set is gone) or ``"second_forward"`` (in its second
     forward, beside that step's live activations and the optimizer state: a higher peak). H200, peak allocated:
     Llama-3.2-11B-Vision 8.64 -> 8.44 GiB at seq 2048 (9.73 -> 9.48 at 8192, across commands), Qwen2.5-VL-7B
-    6.86 -> 6.66 and 8.05 -> 7.83 GiB (one command); the same step times. The captures move into step 1: 3.6 s
-    against 3.2 + 1.6 s for steps 1 + 2 with warm compile caches, 20.8 s against 7.4 + 1.8 s cold
-    (`scripts/results/h200_2026-12-02*`)."""
+    6.86 -> 6.66 and 8.05 -> 7.83 GiB (one command); the same step times. The captures move into step 1, and
+    steps 1 + 2 take less in all: Qwen2.5-VL-7B at 2048, 4.4 + 0.3 s against 3.3 + 2.0 s with warm compile caches,
+    14.7 + 0.3 s against 17.3 + 4.1 s with empty ones (`scripts/results/h200_2026-12-02e_eleventh/`)."""
 
     def __post_init__(self) -> None:
         from hf_fastvision.training.cuda_graphs import CAPTURE_POINTS
