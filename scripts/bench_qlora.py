@@ -618,7 +618,7 @@ COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s"
            "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "end_reserved_gib", "n_4bit",
            "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
-           "losses", "autocast", "error", "worker_wall_s", "load_parts"]
+           "losses", "autocast", "error", "worker_wall_s", "load_parts", "load_splits", "first_step_triton"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -837,16 +837,58 @@ def _load_ours(folder: str, args, device: str):
         dtype=torch.bfloat16, patches=json.loads(getattr(args, "ours_patches", "true")), device_map=device_map,
     )
     _load_part("from_pretrained")
-    model = FastVisionModel.get_peft_model(
-        model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
-        finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
-        random_state=SEED,
-    )
+    import peft
+
+    import hf_fastvision.patching as patching
+    import hf_fastvision.training.lora as lora
+
+    # where ours' LoRA set-up goes (it took ~0.5 s longer than the recipe's on the H200, not on CPU): each part's
+    # seconds, GPU-synced, in `load_splits`
+    with _timed(lora, "lora_target_modules", "targets"), _timed(peft, "get_peft_model", "peft"), \
+            _timed(patching, "apply_lora_patches", "lora_patches"), _timed(lora, "for_training", "for_training"):
+        model = FastVisionModel.get_peft_model(
+            model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
+            finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
+            random_state=SEED,
+        )
     _load_part("get_peft_model")
     return model
 
 
 _LOAD_PARTS: dict[str, float] = {}
+_LOAD_SPLITS: dict[str, float] = {}
+
+
+class _timed:
+    """Wrap `owner.name` for the block: each call's seconds (GPU-synced) add up in `_LOAD_SPLITS[label]`."""
+
+    def __init__(self, owner: Any, name: str, label: str) -> None:
+        self.owner, self.name, self.label = owner, name, label
+
+    def __enter__(self) -> "_timed":
+        import torch
+
+        real = self.real = getattr(self.owner, self.name)
+        label = self.label
+
+        def sync() -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                sync()
+                _LOAD_SPLITS[label] = round(_LOAD_SPLITS.get(label, 0.0) + time.perf_counter() - t0, 3)
+
+        setattr(self.owner, self.name, wrapper)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        setattr(self.owner, self.name, self.real)
 _LOAD_T0: list[float] = []
 
 
@@ -886,6 +928,7 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
     else:  # A/B: the same recipe with the 16-bit weights left in bf16
         for param in model.parameters():
             param.requires_grad_(False)
+    _load_part("prepare")
     gc_kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
@@ -893,12 +936,13 @@ def _load_hf(folder: str, args, device: str, plan: dict[str, Any]):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         gc_api = "gradient_checkpointing_enable"
+    _load_part("checkpointing")
     torch.manual_seed(SEED)
     config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                         target_modules=plan["lora_target"], task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.train()
-    _load_part("prepare_checkpointing_peft")
+    _load_part("peft")
     return model, gc_api
 
 
@@ -1015,9 +1059,12 @@ def worker_main(args) -> int:
     after_load = torch.cuda.memory_allocated() / GIB if cuda else None
     counts = _count_modules(model)
     res.extra.update({"load_s": round(load_s, 2), "load_peak_gib": load_peak, "after_load_gib": after_load,
-                      **counts, "note": note, "load_parts": dict(_LOAD_PARTS)})
-    print(f"[{system}] loaded in {load_s:.1f} s (cumulative s at the end of each phase: {_LOAD_PARTS}): {counts}",
+                      **counts, "note": note, "load_parts": dict(_LOAD_PARTS), "load_splits": dict(_LOAD_SPLITS)})
+    print(f"[{system}] loaded in {load_s:.1f} s (cumulative s at the end of each phase: {_LOAD_PARTS}"
+          + (f"; s inside the LoRA set-up: {_LOAD_SPLITS}" if _LOAD_SPLITS else "") + f"): {counts}",
           flush=True)
+    from triton_compiles import CompileTimer  # scripts/ (the worker runs from there)
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     # kept on the host: a GPU copy would add the trainable size (0.25 GiB for Llama-11B's LoRA) to every peak
     init_state = [p.detach().to("cpu", copy=True) for p in trainable]
@@ -1054,13 +1101,19 @@ def worker_main(args) -> int:
                     break
                 sync()
                 t0 = time.perf_counter()
-                with autocast():
-                    out = model(**batch)
-                loss = out.loss
-                loss.backward()
-                opt.step()
-                sync()
+                # the first step of a run: how much of it is Triton compiling `triton.jit` kernels (ours', Liger's;
+                # Unsloth's Inductor kernels compile another way and are not counted)
+                with (CompileTimer() if k == 0 and i == 0 else contextlib.nullcontext()) as compiles:
+                    with autocast():
+                        out = model(**batch)
+                    loss = out.loss
+                    loss.backward()
+                    opt.step()
+                    sync()
                 times.append(time.perf_counter() - t0)
+                if compiles is not None:
+                    summary = compiles.summary()
+                    res.extra["first_step_triton"] = {"compiles": summary["compiles"], "s": summary["seconds"]}
                 losses.append(float(loss.detach().float().item()))
                 if i < 2:  # correctness signal, outside the timed region: do gradients reach every LoRA tensor?
                     grads = [p.grad for p in trainable]

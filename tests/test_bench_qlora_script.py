@@ -5,6 +5,7 @@ which agree at step 1 (same weights, same batch). Flags reach our worker (`--our
 
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import subprocess
@@ -34,7 +35,12 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
         for column in ("step_s", "tokens_per_s", "first_step_s", "load_s"):
             assert float(row[column]) > 0, (system, column)
         assert row["load_parts"].startswith("{'from_pretrained'"), row["load_parts"]
+        assert row["first_step_triton"].startswith("{'compiles': "), row["first_step_triton"]
         assert len(row["losses"].split()) == 2
+    # ours' LoRA set-up timed by part; the recipe's phases one by one
+    splits = ast.literal_eval(rows["ours"]["load_splits"])  # a dict's repr, as the CSV writes it
+    assert set(splits) == {"targets", "peft", "lora_patches", "for_training"} and all(v >= 0 for v in splits.values())
+    assert list(ast.literal_eval(rows["hf"]["load_parts"])) == ["from_pretrained", "processor", "prepare", "checkpointing", "peft"]
     first = [float(rows[s]["losses"].split()[0]) for s in ("ours", "hf")]
     assert abs(first[0] - first[1]) < 1e-2 * abs(first[1]), first
     assert rows["ours"]["n_lora"] == rows["hf"]["n_lora"] and int(rows["ours"]["n_lora"]) > 0
