@@ -687,7 +687,7 @@ def _header_text(meta: dict[str, Any]) -> str:
                           "reaches the loss" if meta.get("gates_opened") else ""),
         f"caches: {meta.get('caches', 'shared')} per system (Triton, Inductor, CUDA JIT); warm-up process "
         + (f"{meta['warmup_s']} s before the first system" if meta.get("warmup_s")
-           else "FAILED (see the run's output)" if meta.get("warmup_failed") else "none"),
+           else "FAILED (see the run's output)" if "warmup_s" in meta else "none"),
     ]
     return "\n".join(lines)
 
@@ -729,8 +729,6 @@ def parent_main(args) -> int:
     if args.warmup == "on" and device == "cuda":
         meta["warmup_s"] = warm_machine(Path(args.workdir))
         print(f"[{time.time() - t_start:6.1f} s] warm-up process (throwaway caches): {meta['warmup_s']} s", flush=True)
-        if meta["warmup_s"] is None:
-            meta["warmup_failed"] = True
     for i, system in enumerate(args.systems):
         remaining = budget_end - time.time()
         left = len(args.systems) - i
@@ -857,6 +855,7 @@ def _load_ours(folder: str, args, device: str):
 
 _LOAD_PARTS: dict[str, float] = {}
 _LOAD_SPLITS: dict[str, float] = {}
+_LOAD_T0: list[float] = []
 
 
 class _timed:
@@ -889,7 +888,6 @@ class _timed:
 
     def __exit__(self, *exc: Any) -> None:
         setattr(self.owner, self.name, self.real)
-_LOAD_T0: list[float] = []
 
 
 def _load_part(name: str) -> None:

@@ -8,7 +8,7 @@
 #   bash scripts/gpu_plan.sh qwen_four  # Qwen2.5-VL-7B: all four systems at 2048+8192 in one command
 #   bash scripts/gpu_plan.sh first_steps # Qwen 2048: host time of ours' first two steps per capture schedule
 #   bash scripts/gpu_plan.sh eleventh   # first_steps, then cProfile of ours' and hf's Qwen load
-#   bash scripts/gpu_plan.sh twelfth    # SDPA first calls per backend; Qwen table with fresh caches; vision_sdpa A/B
+#   bash scripts/gpu_plan.sh sdpa_first_call # SDPA first/steady fwd+bwd per backend, cold and warm CUDA JIT cache
 #   bash scripts/gpu_plan.sh llama_table # Llama table: four systems at 2048+8192 with fresh caches
 #   bash scripts/gpu_plan.sh thirteenth # the Llama table (fresh caches, warm-up), then ours alone on Qwen
 #   bash scripts/gpu_plan.sh sync_check # Qwen 2048 ours + hf after os.sync(): the order effect on first step and load
@@ -105,19 +105,9 @@ case "${1:-}" in
         | grep -v "Loading weights" | head -75 > "$out/profile_load_$s.txt"
       head -1 "$out/profile_load_$s.txt"
     done ;;
-  twelfth)  # (ran once, 2026-12-02; its test file and the vision_sdpa flag are gone) ~9.5 minutes: the vision_sdpa GPU test; the Qwen table (four systems, each with its own empty caches
-    # after a warm-up process); ours with vision_sdpa "default" at 2048 as the A/B of the flash order (first step,
-    # step time); last, the SDPA first-call cost per backend (cold/warm CUDA JIT cache)
-    timeout 60 python -m pytest -q tests/gpu/test_vision_sdpa_gpu.py 2>&1 | tail -5 > "$out/gpu_tests.txt"
-    tail -1 "$out/gpu_tests.txt"
-    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
-      --budget 410 --out /tmp/q12 > /dev/null 2>&1
-    cp /tmp/q12/results.md /tmp/q12/results.csv /tmp/q12/workers.log "$out/"
-    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
-    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 80 \
-      --warmup off --ours-patches '{"vision_sdpa": "default"}' --out /tmp/q12ab > /dev/null 2>&1
-    cp /tmp/q12ab/results.csv "$out/ours_vision_sdpa_default.csv"; grep "| ours" /tmp/q12ab/results.md | cut -c1-200
-    timeout 60 python scripts/bench_sdpa_first_call.py --backends cudnn flash --out "$out" 2>&1 | tail -8 ;;
+  sdpa_first_call)  # ~1 minute: each SDPA backend's first and steady forward+backward at the bench models'
+    # attention shapes, with an empty then a warm CUDA JIT cache (run once 2026-12-02, h200_2026-12-02f_twelfth/)
+    timeout 120 python scripts/bench_sdpa_first_call.py --out "$out" 2>&1 | tail -8 ;;
   llama_table)  # ~10 minutes: the Llama table, four systems at 2048+8192, each with its own empty caches
     python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf liger \
       --steps 6 --budget 545 --out /tmp/l12 > /dev/null 2>&1

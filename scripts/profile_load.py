@@ -83,17 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     current[0].disable()
     total = time.perf_counter() - t0
     report = {"system": args.system, "model": args.model, "load_s": round(total, 3), "phases": dict(bq._LOAD_PARTS),
+              "splits": dict(bq._LOAD_SPLITS),
               "top": {name: {"cumulative": _top(prof, "cumulative", args.top), "own": _top(prof, "tottime", args.top)}
                       for name, prof in profiles.items()}}
+    out = Path(args.out)  # written before printing: a reader that closes stdout early must not lose it
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"load_{args.system}.json").write_text(json.dumps(report, indent=1))
     print(f"[{args.system}] load {total:.2f} s, cumulative s at each phase end: {bq._LOAD_PARTS}")
     for name, tops in report["top"].items():
         for kind in ("cumulative", "own"):
             print(f"-- {name}: by {kind} time (function, calls, own s, cumulative s)")
             for row in tops[kind]:
                 print(f"   {row[0][:90]:90s} {row[1]:7d} {row[2]:8.3f} {row[3]:8.3f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"load_{args.system}.json").write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -90,3 +90,12 @@ def test_the_warm_up_runs_its_code_from_a_file_with_throwaway_caches(script_modu
     monkeypatch.setattr(bq, "WARMUP_CODE", "raise SystemExit('no GPU here')\n")
     assert bq.warm_machine(tmp_path) is None
     assert "warm-up process failed" in capsys.readouterr().out
+
+
+def test_the_header_says_whether_the_warm_up_ran_failed_or_was_off(script_module):
+    bq = script_module("bench_qlora")
+    meta = {"model_label": "tiny", "device_name": "cpu", "versions": {"torch": "x"}, "batch": 1, "steps": 2,
+            "seqs": [64], "caches": "fresh"}
+    assert "warm-up process none" in bq._header_text(meta)
+    assert "warm-up process 7.1 s before the first system" in bq._header_text({**meta, "warmup_s": 7.1})
+    assert "warm-up process FAILED" in bq._header_text({**meta, "warmup_s": None})
