@@ -12,6 +12,7 @@
 #   bash scripts/gpu_plan.sh llama_table # Llama table: four systems at 2048+8192 with fresh caches
 #   bash scripts/gpu_plan.sh thirteenth # the Llama table (fresh caches, warm-up), then ours alone on Qwen
 #   bash scripts/gpu_plan.sh sync_check # Qwen 2048 ours + hf after os.sync(): the order effect on first step and load
+#   bash scripts/gpu_plan.sh fourteenth # GPU tests, then ours + hf on Qwen 2048: load_splits and first_step_triton
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -129,6 +130,21 @@ case "${1:-}" in
       --budget 140 --out /tmp/sc > /tmp/sc.txt 2>&1
     cp /tmp/sc/results.md /tmp/sc/results.csv /tmp/sc/workers.log "$out/" 2>/dev/null
     grep "os.sync\|warm-up\|| Qwen" /tmp/sc.txt | cut -c1-200 ;;
+  fourteenth)  # ~7 minutes: every GPU test (owed since the first-backward capture became the default), then ours and
+    # hf on Qwen 2048 (3 steps, fresh caches, warm-up): which part of ours' LoRA set-up is slow on the GPU
+    # (load_splits) and the Triton share of each first step (first_step_triton)
+    timeout 300 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
+    tail -4 "$out/gpu_tests.txt"
+    timeout 170 python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours hf --steps 3 \
+      --budget 160 --out /tmp/f14 > /tmp/f14.txt 2>&1
+    cp /tmp/f14/results.md /tmp/f14/results.csv /tmp/f14/workers.log "$out/" 2>/dev/null
+    grep "os.sync\|warm-up\|| Qwen" /tmp/f14.txt | cut -c1-200
+    python - <<'PY'
+import csv, os
+for r in csv.DictReader(open("/tmp/f14/results.csv")):
+    print(r["system"], "load_parts", r["load_parts"], "splits", r["load_splits"], "triton", r["first_step_triton"])
+PY
+    ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
