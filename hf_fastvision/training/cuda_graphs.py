@@ -283,7 +283,7 @@ class _FirstCall:
     (the layer, its forward, arguments and key) and its eager output until autograd takes it."""
 
     __slots__ = ("graphs", "layer", "inner", "as_kwarg", "args", "kwargs", "leaves", "autocast", "key", "out",
-                 "param_slots")
+                 "param_slots", "layout")
 
     def __init__(self, **fields: Any) -> None:
         for name in self.__slots__:
@@ -380,9 +380,10 @@ class GraphedLayers:
         self.emulate = emulate
         self.capture_at = capture_at  # see the module docstring
         self.stats = {"eager_calls": 0, "captures": 0, "replays": 0, "failures": 0, "refused": 0,
-                      "backward_captures": 0}
+                      "backward_captures": 0, "forward_warmups": 0}
         self.last_failure: str | None = None
         self._warmed: set[Any] = set()
+        self._fwd_warmed: set[Any] = set()  # (layer class, key signature) whose forward was warmed on the stream
         self._flush_pending = False
         self.disabled = False  # set after MAX_FAILURES distinct failed captures
         self._bad: set[Any] = set()  # (layer class, shape signature) whose capture failed: eager for every layer
@@ -486,9 +487,10 @@ class GraphedLayers:
             # into them instead of beside them (lower reserved peak)
             torch.cuda.empty_cache()
 
-    def _capture_entry(self, layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key):
+    def _capture_entry(self, layer, entries, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key,
+                       layout=None):
         """Capture `key`'s graphs and record the entry, or record the failure (that key then runs eagerly)."""
-        entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key[:4])
+        entry = self._capture(layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key[:4], layout)
         if entry is None:
             entries[key] = "bad"
             self._bad.add((type(layer), key[:4]))
@@ -509,7 +511,7 @@ class GraphedLayers:
         param_slots = _trainable_slots(layer)
         call = _FirstCall(graphs=self, layer=layer, inner=inner, as_kwarg=as_kwarg, args=args, kwargs=kwargs,
                           leaves=leaves, autocast=autocast, key=key, out=out if out._base is None else out.clone(),
-                          param_slots=param_slots)
+                          param_slots=param_slots, layout=_layout(out, hidden))
         params = [mod._parameters[name] for mod, name in param_slots]
         box = make_box(hidden)
         try:
@@ -529,7 +531,7 @@ class GraphedLayers:
             return None
         self._start_capture_round()
         entry = self._capture_entry(call.layer, entries, call.inner, hidden, call.as_kwarg, call.args, call.kwargs,
-                                    call.leaves, call.autocast, call.key)
+                                    call.leaves, call.autocast, call.key, call.layout)
         if entry is not None:
             self.stats["backward_captures"] += 1
         return entry
@@ -559,6 +561,15 @@ class GraphedLayers:
             self._buffers[key] = buf
         return buf
 
+    def _buffer_for(self, slot: Any, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+        """`_buffer` from a layout alone (its contents are written before any graph reads them)."""
+        key = (slot, shape, dtype, device, stride)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return buf
+
     def _new_graph(self, device: torch.device) -> Any:
         if self.emulate:
             return _EmulatedGraph()
@@ -567,7 +578,7 @@ class GraphedLayers:
             self._streams[device] = torch.cuda.Stream(device=device)
         return _CudaGraph(device, self._pools[device], self._streams[device])
 
-    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key_signature):
+    def _capture(self, layer, inner, hidden, as_kwarg, args, kwargs, leaves, autocast, key_signature, layout=None):
         extras = [t for t, _ in leaves]
         entry = _Entry()
         device = hidden.device
@@ -594,12 +605,26 @@ class GraphedLayers:
             entry.fwd = self._new_graph(device)
             # outputs go to buffers outside the pool, shared by every layer of this shape (copied out on replay);
             # the output takes the input's own buffer where it can (one buffer less per shape): `fwd` writes it
-            # only after the body has finished reading the input
-            warm_out = entry.fwd.warm(fwd_body)
-            static_out = static_hidden if _can_share(warm_out, static_hidden) else self._buffer(("out", 0), warm_out)
+            # only after the body has finished reading the input. The eager warm-up (lazy inits on the capture
+            # stream, and the output's layout) runs once per layer class and signature: ~60 layer forwards less in
+            # a 7B model's first step.
+            # a capture in the first backward knows the layout from the layer's own eager forward
+            warm_key = (type(layer), key_signature)
+            if layout is None or warm_key not in self._fwd_warmed:
+                warm_out = entry.fwd.warm(fwd_body)
+                layout = _layout(warm_out, static_hidden)
+                self._fwd_warmed.add(warm_key)
+                self.stats["forward_warmups"] += 1
+            shape, stride, dtype, shares = layout
+            static_out = static_hidden if shares else self._buffer_for(("out", 0), shape, stride, dtype, device)
 
             def fwd() -> torch.Tensor:
-                static_out.copy_(fwd_body())
+                out = fwd_body()
+                fits = _can_share(out, static_out) if shares else (
+                    out.shape == static_out.shape and out.stride() == static_out.stride() and out.dtype == dtype)
+                if not fits:  # the forward changed its output layout since: the capture fails, eager from now
+                    raise RuntimeError(f"output layout {tuple(out.shape)} {out.dtype} differs from the eager call's")
+                static_out.copy_(out)
                 return static_out
 
             entry.fwd.capture(fwd)
@@ -635,6 +660,12 @@ class GraphedLayers:
         self._flush_pending = True
         self.stats["captures"] += 1
         return entry
+
+
+def _layout(out: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Size, tuple[int, ...], torch.dtype, bool]:
+    """What a forward graph needs to know of a layer's output before capturing it: shape, strides, dtype, and
+    whether it may be copied into the layer input's static buffer (a buffer laid out like `hidden`)."""
+    return out.shape, out.stride(), out.dtype, _can_share(out, hidden)
 
 
 def _can_share(result: torch.Tensor, buffer: torch.Tensor) -> bool:

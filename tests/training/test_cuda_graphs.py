@@ -78,6 +78,8 @@ def test_emulated_graphs_match_eager_over_steps():
     stats = _graphs(model).stats
     # step 1: eager forward, each layer captured in its backward; steps 2-4 replay
     assert stats["captures"] == 3 and stats["replays"] == 9 and stats["eager_calls"] == 3, stats
+    # the three layers share class and signature: one eager forward warm-up before their captures, not three
+    assert stats["forward_warmups"] == 1, stats
     # gradients reach the layer weights and, through the layer inputs, the embeddings
     assert all("model.embed_tokens.weight" in grads for _, grads in got)
     _assert_same_training(ref, got)
@@ -85,6 +87,50 @@ def test_emulated_graphs_match_eager_over_steps():
     slots = [key[0] for key in _graphs(model)._buffers]
     assert 0 in slots and ("grad_out", 0) in slots
     assert ("out", 0) not in slots and ("grad", 0) not in slots, slots
+
+
+def test_a_layer_whose_output_layout_differs_from_its_class_warm_up_is_graphed_too():
+    """The forward warm-up runs once per layer class and signature; the other layers' captures take the output
+    layout from their own eager first call, so one returning another layout (here: other strides) is graphed too."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches, ref_model, model = [{"input_ids": ids, "labels": ids}] * 2, _llama(), _llama()
+    inner = type(model.model.layers[-1]).forward
+
+    def other_layout(self, *args, **kwargs):
+        return inner(self, *args, **kwargs).transpose(0, 1).contiguous().transpose(0, 1)
+
+    for m, graphs in ((ref_model, False), (model, "emulate")):
+        last = m.model.layers[-1]
+        last.forward = other_layout.__get__(last)  # before checkpointing wraps it
+        enable_checkpointing(m, "unsloth", cuda_graphs=graphs)
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    stats = _graphs(model).stats
+    assert stats["forward_warmups"] == 1 and stats["captures"] == 3 and stats["failures"] == 0, stats
+    for (l_ref, _), (l_got, _) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_changing_its_output_layout_between_calls_fails_its_capture_and_runs_eagerly():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches, ref_model, model = [{"input_ids": ids, "labels": ids}] * 2, _llama(), _llama()
+    calls = [0]
+    inner = type(model.model.layers[0]).forward
+
+    def toggling(self, *args, **kwargs):
+        calls[0] += 1
+        out = inner(self, *args, **kwargs)
+        return out.transpose(0, 1).contiguous().transpose(0, 1) if calls[0] % 2 else out
+
+    for m, graphs in ((ref_model, False), (model, "emulate")):
+        first = m.model.layers[0]
+        first.forward = toggling.__get__(first)
+        enable_checkpointing(m, "unsloth", cuda_graphs=graphs)
+    ref, got = _train(ref_model, batches), _train(model, batches)
+    stats = _graphs(model).stats
+    assert stats["failures"] >= 1 and stats["captures"] == 2, stats  # the other two layers stay graphed
+    assert "differs from the eager call's" in _graphs(model).last_failure
+    for (l_ref, _), (l_got, _) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_a_pass_through_layer_does_not_share_its_input_buffer():
