@@ -13,7 +13,7 @@
 #   bash scripts/gpu_plan.sh thirteenth # the Llama table (fresh caches, warm-up), then ours alone on Qwen
 #   bash scripts/gpu_plan.sh sync_check # Qwen 2048 ours + hf after os.sync(): the order effect on first step and load
 #   bash scripts/gpu_plan.sh fourteenth # GPU tests, then ours + hf on Qwen 2048: load_splits and first_step_triton
-#   bash scripts/gpu_plan.sh fifteenth  # graphs GPU tests, the Qwen table (four systems), a profile of ours at Llama 2048
+#   bash scripts/gpu_plan.sh fifteenth  # graphs GPU tests, then the Qwen table (four systems, one command)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -146,17 +146,20 @@ for r in csv.DictReader(open("/tmp/f14/results.csv")):
     print(r["system"], "load_parts", r["load_parts"], "splits", r["load_splits"], "triton", r["first_step_triton"])
 PY
     ;;
-  fifteenth)  # ~9.5 minutes: the graphs GPU tests (the forward warm-up now once per layer class and signature), every
-    # Qwen row of the table from one command (four systems, fresh caches, warm-up), then where ours' Llama 2048 step
-    # goes (the one cell under its target)
-    timeout 90 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -6 > "$out/gpu_tests.txt"
+  fifteenth)  # ~9 minutes: the graphs GPU tests (the forward warm-up now once per layer class and signature), then
+    # every Qwen row of the table from one command (four systems, fresh caches, warm-up)
+    timeout 80 python -m pytest -q tests/gpu/test_cuda_graphs_gpu.py 2>&1 | tail -6 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
-      --budget 400 --out /tmp/q15 > /dev/null 2>&1
+      --budget 440 --out /tmp/q15 > /dev/null 2>&1
     cp /tmp/q15/results.md /tmp/q15/results.csv /tmp/q15/workers.log "$out/"
     grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200; grep "CUDA graphs" "$out/workers.log" | cut -c1-200
-    timeout 120 python scripts/profile_step.py --model llama32_11b_vision --seq 2048 --warmup 2 --steps 2 \
-      --out "$out/profile_2048" 2>&1 | tail -1 ;;
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q15/results.csv")):
+    print(r["system"], r["seq"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"])
+PY
+    ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
