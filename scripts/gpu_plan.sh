@@ -14,6 +14,7 @@
 #   bash scripts/gpu_plan.sh sync_check # Qwen 2048 ours + hf after os.sync(): the order effect on first step and load
 #   bash scripts/gpu_plan.sh fourteenth # GPU tests, then ours + hf on Qwen 2048: load_splits and first_step_triton
 #   bash scripts/gpu_plan.sh fifteenth  # graphs GPU tests, then the Qwen table (four systems, one command)
+#   bash scripts/gpu_plan.sh llama_prof # a torch.profiler trace of ours at Llama 2048
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -160,6 +161,11 @@ for r in csv.DictReader(open("/tmp/q15/results.csv")):
     print(r["system"], r["seq"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"])
 PY
     ;;
+  llama_prof)  # ~4 minutes: where ours' Llama 2048 step goes (the one cell under its target): torch.profiler over 3
+    # steps after 3 warm-up steps, with a trace
+    timeout 300 python scripts/profile_step.py --model llama32_11b_vision --seq 2048 --warmup 3 --steps 3 --trace \
+      --out "$out/profile_2048" 2>&1 | tail -2
+    gzip -f "$out/profile_2048/trace.json" 2>/dev/null; head -30 "$out/profile_2048/profile_cuda.txt" | cut -c1-160 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
