@@ -618,7 +618,7 @@ COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s"
            "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "end_reserved_gib", "n_4bit",
            "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
-           "losses", "autocast", "error", "worker_wall_s", "load_parts", "load_splits", "first_step_triton"]
+           "losses", "autocast", "error", "worker_wall_s", "load_parts", "load_splits", "first_step_triton", "gc_s"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -890,6 +890,32 @@ class _timed:
         setattr(self.owner, self.name, self.real)
 
 
+class GcClock:
+    """Seconds Python's cyclic garbage collector runs (all generations, and how many full collections) while
+    active: a full collection walks every tracked object of the process, and a loaded 7B model holds ~600k."""
+
+    def __init__(self) -> None:
+        self.seconds, self.full, self._t0 = 0.0, 0, 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.full += info.get("generation") == 2
+
+    def __enter__(self) -> "GcClock":
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+
 def _load_part(name: str) -> None:
     """Seconds since the load began (GPU synced) at the end of each phase: where a system's load time goes."""
     import torch
@@ -1024,6 +1050,7 @@ def worker_main(args) -> int:
         sync()
         t0 = time.perf_counter()
         _LOAD_T0[:] = [t0]
+        load_gc = GcClock().__enter__()
         if system == "ours":
             model = _load_ours(folder, args, device)
         elif system == "hf":
@@ -1046,6 +1073,7 @@ def worker_main(args) -> int:
             raise ValueError(system)
         sync()
         load_s = time.perf_counter() - t0
+        load_gc.__exit__()
     except Exception as exc:
         oom = isinstance(exc, torch.OutOfMemoryError) or _oom_text(str(exc))
         traceback.print_exc()
@@ -1101,7 +1129,8 @@ def worker_main(args) -> int:
                 t0 = time.perf_counter()
                 # the first step of a run: how much of it is Triton compiling `triton.jit` kernels (ours', Liger's;
                 # Unsloth's Inductor kernels compile another way and are not counted)
-                with (CompileTimer() if k == 0 and i == 0 else contextlib.nullcontext()) as compiles:
+                with (CompileTimer() if k == 0 and i == 0 else contextlib.nullcontext()) as compiles, \
+                        (GcClock() if k == 0 and i == 0 else contextlib.nullcontext()) as step_gc:
                     with autocast():
                         out = model(**batch)
                     loss = out.loss
@@ -1112,6 +1141,8 @@ def worker_main(args) -> int:
                 if compiles is not None:
                     summary = compiles.summary()
                     res.extra["first_step_triton"] = {"compiles": summary["compiles"], "s": summary["seconds"]}
+                    res.extra["gc_s"] = {"load": round(load_gc.seconds, 3), "load_full": load_gc.full,
+                                         "step1": round(step_gc.seconds, 3), "step1_full": step_gc.full}
                 losses.append(float(loss.detach().float().item()))
                 if i < 2:  # correctness signal, outside the timed region: do gradients reach every LoRA tensor?
                     grads = [p.grad for p in trainable]

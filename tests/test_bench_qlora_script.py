@@ -36,6 +36,8 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
             assert float(row[column]) > 0, (system, column)
         assert row["load_parts"].startswith("{'from_pretrained'"), row["load_parts"]
         assert row["first_step_triton"].startswith("{'compiles': "), row["first_step_triton"]
+        gc_s = ast.literal_eval(row["gc_s"])  # the cyclic collector's seconds in the load and in step 1
+        assert set(gc_s) == {"load", "load_full", "step1", "step1_full"} and gc_s["load"] >= 0, gc_s
         assert len(row["losses"].split()) == 2
     # ours' LoRA set-up timed by part; the recipe's phases one by one
     splits = ast.literal_eval(rows["ours"]["load_splits"])  # a dict's repr, as the CSV writes it
