@@ -15,6 +15,7 @@
 #   bash scripts/gpu_plan.sh fourteenth # GPU tests, then ours + hf on Qwen 2048: load_splits and first_step_triton
 #   bash scripts/gpu_plan.sh fifteenth  # graphs GPU tests, then the Qwen table (four systems, one command)
 #   bash scripts/gpu_plan.sh llama_prof # a torch.profiler trace of ours at Llama 2048
+#   bash scripts/gpu_plan.sh sixteenth  # the Llama table (four systems), then a profile of ours at Llama 2048
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -162,10 +163,26 @@ for r in csv.DictReader(open("/tmp/q15/results.csv")):
 PY
     ;;
   llama_prof)  # ~4 minutes: where ours' Llama 2048 step goes (the one cell under its target): torch.profiler over 3
-    # steps after 3 warm-up steps, with a trace
+    # steps after 3 warm-up steps, with a trace (the checkpoint built first: a fresh machine has none)
+    python scripts/bench_scaling.py prepare --model llama32_11b_vision --seq 2048 > /dev/null 2>&1
     timeout 300 python scripts/profile_step.py --model llama32_11b_vision --seq 2048 --warmup 3 --steps 3 --trace \
       --out "$out/profile_2048" 2>&1 | tail -2
     gzip -f "$out/profile_2048/trace.json" 2>/dev/null; head -30 "$out/profile_2048/profile_cuda.txt" | cut -c1-160 ;;
+  sixteenth)  # ~9.5 minutes: the Llama table (four systems at 2048+8192, fresh caches, warm-up; ~6 minutes), then a
+    # torch.profiler trace of ours at 2048 (the one cell under its target) on the same checkpoint
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours unsloth hf liger \
+      --steps 6 --budget 430 --out /tmp/l16 > /tmp/l16.txt 2>&1
+    cp /tmp/l16/results.md /tmp/l16/results.csv /tmp/l16/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200; grep "CUDA graphs" "$out/workers.log" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/l16/results.csv")):
+    if r["seq"] == "2048":
+        print(r["system"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"], "gc", r["gc_s"])
+PY
+    timeout 140 python scripts/profile_step.py --model llama32_11b_vision --seq 2048 --warmup 3 --steps 3 --trace \
+      --out "$out/profile_2048" 2>&1 | tail -1 | cut -c1-400
+    gzip -f "$out/profile_2048/trace.json" 2>/dev/null; head -24 "$out/profile_2048/profile_cuda.txt" | cut -c1-160 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;
