@@ -16,6 +16,7 @@
 #   bash scripts/gpu_plan.sh fifteenth  # graphs GPU tests, then the Qwen table (four systems, one command)
 #   bash scripts/gpu_plan.sh llama_prof # a torch.profiler trace of ours at Llama 2048
 #   bash scripts/gpu_plan.sh sixteenth  # the Llama table (four systems), then a profile of ours at Llama 2048
+#   bash scripts/gpu_plan.sh seventeenth # the precompile GPU test, then ours alone on Qwen 2048 (first step)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -183,6 +184,21 @@ PY
     timeout 140 python scripts/profile_step.py --model llama32_11b_vision --seq 2048 --warmup 3 --steps 3 --trace \
       --out "$out/profile_2048" 2>&1 | tail -1 | cut -c1-400
     gzip -f "$out/profile_2048/trace.json" 2>/dev/null; head -24 "$out/profile_2048/profile_cuda.txt" | cut -c1-160 ;;
+  seventeenth)  # ~3 minutes: the background Triton compilation's GPU test (the first step compiles none of the
+    # covered kernels, fresh processes and caches), then ours alone on Qwen 2048 (3 steps): first step and
+    # first_step_triton against the fifteenth command's 13.4 s and 11 compilations (2.37 s)
+    timeout 75 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    timeout 125 python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 3 \
+      --budget 120 --out /tmp/q17 > /tmp/q17.txt 2>&1
+    cp /tmp/q17/results.md /tmp/q17/results.csv /tmp/q17/workers.log "$out/" 2>/dev/null
+    grep "| Qwen" /tmp/q17/results.md | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q17/results.csv")):
+    print(r["system"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"], "gc", r["gc_s"])
+PY
+    ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

@@ -482,6 +482,10 @@ class GraphedLayers:
         return sum(isinstance(e, _Entry) for e in entries.values()) < self.max_keys
 
     def _start_capture_round(self) -> None:
+        if not self.emulate:
+            from hf_fastvision.training.precompile import wait
+
+            wait()  # no background kernel launch (`precompile`) beside a capture
         if not self._flush_pending and not self.emulate:
             # a capture round starts: return the blocks the eager steps left cached, so the graphs' pool grows
             # into them instead of beside them (lower reserved peak)
