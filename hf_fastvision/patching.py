@@ -108,9 +108,11 @@ class PatchOptions:
     chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
     tokens per chunk instead. Measured (H200, seq 2048/8192): Qwen2.5-VL-7B 0.289 -> 0.265 s and 0.872 -> 0.838 s
     per step, Llama-3.2-11B-Vision 0.597 -> 0.579 s and 1.405 -> 1.364 s, peaks equal or lower."""
-    precompile: bool = True
-    """`for_training` starts compiling the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, the loss) in background
-    threads, so the first step does not wait on them (`training/precompile.py`)."""
+    precompile: bool = False
+    """Opt-in: `get_peft_model` starts compiling the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, the loss) in
+    background threads before peft's injection, so the first step does not wait on them (`training/precompile.py`).
+    H200, Qwen2.5-VL-7B at 2048: first step 13.4 -> 9.7 s, load 5.6 -> 7.9 s (the compiles hold the GIL beside the
+    injection); load + first step 19.0 -> 17.6 s. Off by default while the load is the target it would miss."""
     cuda_graphs_capture: str = "first_backward"
     """When a layer's graphs are captured: ``"first_backward"`` (in the backward of its first call, where the
     optimizer has no state yet and the forward's working set is gone) or ``"second_forward"`` (in its second

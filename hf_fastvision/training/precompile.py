@@ -2,9 +2,15 @@
 
 Why: with empty caches a QLoRA model's first step compiles ~11 Triton specializations (RMSNorm, SwiGLU/GeGLU and
 the loss kernel, forward and backward, per hidden width): 2.1-2.4 s of an H200 first step (`bench_qlora.py`'s
-``first_step_triton``), most of it waiting on ``ptxas`` subprocesses. Those waits release the GIL, so compiling
-the same specializations in threads started by `for_training` overlaps them with the rest of the set-up and the
-first forward, and with each other.
+``first_step_triton``), part of it waiting on ``ptxas`` subprocesses, which release the GIL. Compiled in 4
+threads started before peft's injection they overlap the injection, the first forward and each other.
+
+Opt-in (``patches={"precompile": True}``). Measured on an H200 (Qwen2.5-VL-7B at 2048,
+`scripts/results/h200_2026-12-02l_seventeenth/` against `h200_2026-12-02j_fifteenth/`): step 1 took 9.7 s instead
+of 13.4 s and compiled 4 kernels instead of 11 (Triton's one-time start-up moved out of it too), but peft's
+injection took 3.8 s instead of 1.5 s: much of a compile holds the GIL. Load + first step 17.6 s against 19.0 s.
+Off by default while the load (which must not exceed the plain recipe's) is the target it would miss; a compile
+in a helper process (warming Triton's disk cache without sharing the GIL) is the next thing to try.
 
 How: `plan_jobs` reads the bound patches (`patching.py`) and builds one job per distinct specialization: the
 patched op run forward and backward on 16 rows of dummy data with the module's own widths, dtype and frozen
@@ -13,7 +19,7 @@ then compiles none of them). `get_peft_model` starts them before peft's injectio
 be: frozen), so they overlap it; `for_training` adds any others (e.g. a norm kept trainable). Jobs run on a side stream, never raise (a failure only means the step compiles as
 before) and never touch the model's state or a random generator (constant dummy data: the user's seeds keep their
 streams). `wait` joins them; CUDA graph captures call it first, so no
-background launch overlaps a capture. Opt out with ``patches={"precompile": False}``.
+background launch overlaps a capture.
 """
 
 from __future__ import annotations

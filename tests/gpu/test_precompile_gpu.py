@@ -1,5 +1,6 @@
-"""Background Triton compilation (GPU machine): after `get_peft_model` (which starts it) the first training step
-compiles none of the kernels the jobs cover, in a fresh process with an empty Triton cache."""
+"""Background Triton compilation, opt-in (GPU machine): after `get_peft_model` (which starts it) the first training
+step compiles none of the kernels the jobs cover, in a fresh process with an empty Triton cache. Not run to the
+end yet: the eleventh session's call gave it 60 s, too few for its four fresh processes."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def test_jobs_are_one_per_specialization_and_run_without_touching_the_model(name
 
 
 def test_frozen_plans_the_weights_as_a_lora_set_up_leaves_them(tiny_checkpoint):
-    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
+                                                patches={"precompile": True})
     assert any(p.requires_grad for p in model.parameters())  # transformers' load leaves them trainable
     trainable = {k[4] for k in pc.plan_jobs(model) if k[0] in ("rms_norm", "fused_loss")}
     frozen = {k[4] for k in pc.plan_jobs(model, frozen=True) if k[0] in ("rms_norm", "fused_loss")}
@@ -52,19 +53,19 @@ def test_frozen_plans_the_weights_as_a_lora_set_up_leaves_them(tiny_checkpoint):
     assert calls == [True, False]
 
 
-def test_on_cpu_nothing_starts_and_the_flag_turns_it_off(tiny_checkpoint):
+def test_on_cpu_nothing_starts_and_the_flag_turns_it_on(tiny_checkpoint):
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
     assert pc.plan_jobs(model)
     assert pc.precompile(model) == 0  # CPU tensors: no Triton kernels to compile
-    off = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
-                                              patches={"precompile": False})
+    off = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)  # the default
     calls = []
     real = pc.precompile
     try:
         pc.precompile = lambda m, **kw: calls.append(m) or 0
         FastVisionModel.for_training(off)
         assert calls == []
-        on = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
+        on = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
+                                                 patches={"precompile": True})
         FastVisionModel.for_training(on)
         assert calls == [on]
     finally:
