@@ -17,6 +17,7 @@
 #   bash scripts/gpu_plan.sh llama_prof # a torch.profiler trace of ours at Llama 2048
 #   bash scripts/gpu_plan.sh sixteenth  # the Llama table (four systems), then a profile of ours at Llama 2048
 #   bash scripts/gpu_plan.sh seventeenth # the precompile GPU test, then ours alone on Qwen 2048 (first step)
+#   bash scripts/gpu_plan.sh eighteenth # Mllama split GPU tests, then the Llama table (four systems, Unsloth last)
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
 #   bash scripts/gpu_plan.sh qwen       # Qwen2.5-VL-7B: ours, unsloth at 2048 and 8192 (BUDGET=s, default 540)
@@ -200,6 +201,15 @@ for r in csv.DictReader(open("/tmp/q17/results.csv")):
     print(r["system"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"], "gc", r["gc_s"])
 PY
     ;;
+  eighteenth)  # ~10 minutes: the Mllama split GPU tests (the row permutation now selects rows, its backward by the
+    # inverse), then the Llama table at the current code, Unsloth last (the last worker gets all the time left:
+    # in the sixteenth command its share, 176 s, was too short on a slow machine)
+    timeout 60 python -m pytest -q tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -6 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours hf liger unsloth \
+      --steps 6 --budget 525 --out /tmp/l18 > /tmp/l18.txt 2>&1
+    cp /tmp/l18/results.md /tmp/l18/results.csv /tmp/l18/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

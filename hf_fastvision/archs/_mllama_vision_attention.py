@@ -18,7 +18,8 @@ copy 1: real | copy 1: padding]``, so real queries see every key and padding que
 ``cu_seq`` offsets depend on the image (device tensors); no ``seqused_k``, which torch 2.11's ``varlen_attn`` lacks.
 On an image using 1 of 4 tiles that is 44% of the masked call's work. The forward permutes the layer's input
 rows once, before the q/k/v projections (row-wise, so the order commutes with them), and the attention output back
-before ``o_proj``: two gathers per layer instead of four (`permuted_split_attention`).
+before ``o_proj``: two gathers per layer instead of four (`permuted_split_attention`), each a row selection whose
+backward selects by the inverse permutation (`permute_rows`: no scatter-add; one sort per layer call).
 
 `varlen_reference` computes the varlen call in plain torch (CPU, and the tests); CUDA uses
 ``torch.nn.attention.varlen.varlen_attn``. Anything unexpected (another attention implementation, a mask of
@@ -41,7 +42,7 @@ from hf_fastvision.archs._autocast_narrowing import autocast_dtype, narrows_to
 
 __all__ = ["split_vision_attention_forward", "split_attention", "permuted_split_attention", "real_first",
            "varlen_reference", "vision_mask", "compact_vision_mask", "expand_vision_mask", "is_compact_vision_mask",
-           "dense_split_attention", "with_real_counts"]
+           "dense_split_attention", "with_real_counts", "permute_rows"]
 
 logger = logging.getLogger(__name__)
 _CHECKED = "_hffv_split_mask_ok"
@@ -104,16 +105,43 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: tor
     perm, inv = real_first(real)
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # [batch, L, heads, dim], rows permuted
-        return torch.take_along_dim(t.transpose(1, 2), perm[:, :, None, None], dim=1)
+        return permute_rows(t.transpose(1, 2), perm, inv)
 
     out = permuted_split_attention(rows(q), rows(k), rows(v), real, scale, varlen)
-    return torch.take_along_dim(out, inv[:, :, None, None], dim=1).transpose(1, 2)  # [batch, heads, L, dim]
+    return permute_rows(out, inv, perm).transpose(1, 2)  # [batch, heads, L, dim]
 
 
 def real_first(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(perm, inv)``: per image, the row order with the real patches first (their order kept), and its inverse."""
+    """``(perm, inv)``: per image, the row order with the real patches first (their order kept), and its inverse
+    (a scatter of the positions, not a second sort)."""
     perm = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
-    return perm, torch.argsort(perm, dim=-1)
+    positions = torch.arange(perm.shape[-1], device=perm.device, dtype=perm.dtype).expand_as(perm)
+    return perm, torch.empty_like(perm).scatter_(-1, perm, positions)
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``x[b, perm[b, i]]`` along dim 1 (``perm``: ``[batch, L]`` permutations, ``inv`` their inverses), as
+    ``take_along_dim`` computes it; the backward gathers the gradient by ``inv`` instead of scatter-adding it into
+    zeros, and both directions select whole rows instead of reading an int64 index per element."""
+    batch, length = perm.shape
+    offsets = torch.arange(batch, device=perm.device, dtype=perm.dtype)[:, None] * length
+    return _RowPermutation.apply(x, (perm + offsets).reshape(-1), (inv + offsets).reshape(-1))
+
+
+def _select_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, flat).view(x.shape)
+
+
+class _RowPermutation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm_flat: torch.Tensor, inv_flat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv_flat)
+        return _select_rows(x, perm_flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv_flat,) = ctx.saved_tensors
+        return _select_rows(grad, inv_flat), None, None
 
 
 def permuted_split_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, real: torch.Tensor, scale: float,
@@ -274,7 +302,7 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     projections = (self.q_proj, self.k_proj, self.v_proj)
     # the rows real-first once, before the projections (row-wise, so they commute), instead of q, k and v after
     perm, inv = real_first(real)
-    x = torch.take_along_dim(hidden_states, perm[:, :, None], dim=1)
+    x = permute_rows(hidden_states, perm, inv)
     if x.dtype == torch.float32 and dtype != torch.float32 and all(  # i.e. under 16-bit autocast
         narrows_to(p, dtype, x) for p in projections
     ):
@@ -287,5 +315,5 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
     n_real = None if self.__dict__.get(_VARLEN_ONLY) else _uniform_count(counts, batch)
     out = permuted_split_attention(q, k, v, real, self.scaling, varlen, n_real)  # [batch, L, heads, dim]
-    out = torch.take_along_dim(out, inv[:, :, None, None], dim=1).reshape(batch, length, -1)
+    out = permute_rows(out, inv, perm).reshape(batch, length, -1)
     return self.o_proj(out), None

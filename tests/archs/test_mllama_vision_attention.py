@@ -166,3 +166,33 @@ def test_the_forward_takes_the_dense_calls_only_for_equal_known_counts(tiny_chec
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-6)
     first = "dense_split_attention" if dense and flag is True else "varlen_reference"
     assert calls == [first, "varlen_reference"]
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_permute_rows_equals_take_along_dim_with_gradients(contiguous):
+    from hf_fastvision.archs._mllama_vision_attention import permute_rows, real_first
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(3, 24, generator=g) > 0.4
+    real[2] = False  # an image without a real patch
+    perm, inv = real_first(real)
+    assert torch.equal(inv, torch.argsort(perm, dim=-1))  # the scatter gives the inverse a second sort would
+    assert torch.equal(torch.take_along_dim(real, perm, dim=1).sum(-1), real.sum(-1))
+    for b in range(3):  # real rows first, each group in its original order
+        n = int(real[b].sum())
+        assert bool(real[b, perm[b, :n]].all()) and not bool(real[b, perm[b, n:]].any())
+        assert torch.equal(perm[b, :n], torch.sort(perm[b, :n]).values)
+        assert torch.equal(perm[b, n:], torch.sort(perm[b, n:]).values)
+    base = torch.randn(3, 4, 24, 5, generator=g, dtype=torch.float64)
+    x = base.transpose(1, 2) if not contiguous else base.transpose(1, 2).contiguous()  # [3, 24, 4, 5]
+    x_ref = x.detach().clone().requires_grad_(True)
+    x_new = x.detach().clone().requires_grad_(True)
+    ref = torch.take_along_dim(x_ref, perm[:, :, None, None], dim=1)
+    got = permute_rows(x_new, perm, inv)
+    assert torch.equal(got, ref)
+    back = permute_rows(got, inv, perm)  # and back again
+    assert torch.equal(back, x_new)
+    grad = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    ref.backward(grad)
+    got.backward(grad)
+    assert torch.equal(x_new.grad, x_ref.grad)
