@@ -291,7 +291,9 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
             quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
             double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
         )
-    plan = plan_for(config, spec, model_class, plan_options, dtype)
+    meta = meta_model(config, model_class)
+    plan = plan_for(config, spec, model_class, plan_options, dtype, meta=meta)
+    _start_precompile(meta, spec, options, dtype)
     if prequantized:
         skips = (config.quantization_config if isinstance(config.quantization_config, dict) else {}).get(
             "llm_int8_skip_modules"
@@ -333,6 +335,21 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
         for p in model.parameters():
             p.requires_grad_(True)
     return model
+
+
+def _start_precompile(meta: Any, spec: ArchSpec, options: LoadOptions, dtype: torch.dtype) -> None:
+    """``patches={"precompile": "process"}``: a helper process compiles the kernels the patches will bind while
+    the weights load (`training/precompile.py`); the meta model is not used after planning."""
+    from hf_fastvision.patching import PatchOptions
+
+    patches = PatchOptions.from_value(options.patches)
+    if patches.precompile != "process" or not torch.cuda.is_available():
+        return
+    device_map = default_device_map(options.device_map)
+    index = device_map.get("") if isinstance(device_map, dict) else None
+    from hf_fastvision.training.precompile import start_process
+
+    start_process(meta, spec, patches, torch.device("cuda", index if isinstance(index, int) else 0), dtype)
 
 
 def get_load_info(model: Any) -> LoadInfo | None:

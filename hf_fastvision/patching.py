@@ -108,11 +108,13 @@ class PatchOptions:
     chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
     tokens per chunk instead. Measured (H200, seq 2048/8192): Qwen2.5-VL-7B 0.289 -> 0.265 s and 0.872 -> 0.838 s
     per step, Llama-3.2-11B-Vision 0.597 -> 0.579 s and 1.405 -> 1.364 s, peaks equal or lower."""
-    precompile: bool = False
-    """Opt-in: `get_peft_model` starts compiling the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, the loss) in
-    background threads before peft's injection, so the first step does not wait on them (`training/precompile.py`).
-    H200, Qwen2.5-VL-7B at 2048: first step 13.4 -> 9.7 s, load 5.6 -> 7.9 s (the compiles hold the GIL beside the
-    injection); load + first step 19.0 -> 17.6 s. Off by default while the load is the target it would miss."""
+    precompile: bool | str = False
+    """Opt-in: compile the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, the loss) before the first step needs them
+    (`training/precompile.py`). ``True``: in threads started by `get_peft_model` before peft's injection (H200,
+    Qwen2.5-VL-7B at 2048: first step 13.4 -> 9.7 s, load 5.6 -> 7.9 s, as the compiles hold the GIL beside the
+    injection; load + first step 19.0 -> 17.6 s). ``"process"``: in a helper process started as the load begins,
+    into Triton's disk cache (no GIL shared; a second CUDA context for a few seconds; not measured yet). Off by
+    default while the load is the target it would miss."""
     cuda_graphs_capture: str = "first_backward"
     """When a layer's graphs are captured: ``"first_backward"`` (in the backward of its first call, where the
     optimizer has no state yet and the forward's working set is gone) or ``"second_forward"`` (in its second
@@ -127,6 +129,8 @@ class PatchOptions:
 
         if self.cuda_graphs_capture not in CAPTURE_POINTS:
             raise ValueError(f"cuda_graphs_capture must be one of {CAPTURE_POINTS}, got {self.cuda_graphs_capture!r}")
+        if self.precompile not in (True, False, "process"):
+            raise ValueError(f"precompile must be True, False or 'process', got {self.precompile!r}")
         for name in ("vision_attention_split", "cross_attention_split"):
             if getattr(self, name) not in (True, False, "varlen"):
                 raise ValueError(f"{name} must be True, False or 'varlen', got {getattr(self, name)!r}")

@@ -128,7 +128,7 @@ def get_peft_model(
     )
     from hf_fastvision.patching import PatchOptions
 
-    if PatchOptions.from_value(_unwrap(model).__dict__.get("_hffv_patch_options")).precompile:
+    if PatchOptions.from_value(_unwrap(model).__dict__.get("_hffv_patch_options")).precompile is True:
         from hf_fastvision.training.precompile import precompile
 
         precompile(_unwrap(model), frozen=True)  # background compiles overlap the injection below
@@ -182,7 +182,7 @@ def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
         set_padding_side(processor, "right")
     from hf_fastvision.patching import PatchOptions
 
-    if PatchOptions.from_value(base.__dict__.get("_hffv_patch_options")).precompile:
+    if PatchOptions.from_value(base.__dict__.get("_hffv_patch_options")).precompile is True:
         from hf_fastvision.training.precompile import precompile
 
         precompile(base)  # background threads on CUDA: the first step finds its kernels compiled

@@ -1,34 +1,38 @@
-"""Background compilation of the bound Triton kernels (`training/precompile.py`), on CPU through the references.
+"""Compiling the bound Triton kernels ahead of the first step (`training/precompile.py`, `kernels/warmup.py`), on
+CPU through the torch references.
 
-On CPU nothing is compiled; these tests check which jobs a patched model plans (one per specialization), that each
-job runs the op forward and backward without touching the model, and the opt-out. The GPU test
-(`tests/gpu/test_precompile_gpu.py`) checks that the real first step then compiles none of those kernels.
+On CPU nothing is compiled; these tests check which specs a patched model plans (one per specialization), that
+each runs its op forward and backward without touching the model or a random generator, the helper process's
+protocol, and the opt-in flag. The GPU test (`tests/gpu/test_precompile_gpu.py`) checks that the real first step
+then compiles none of those kernels.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
 
 import pytest
 import torch
 
 from hf_fastvision import AutoFastVisionModel, FastVisionModel
+from hf_fastvision.kernels import warmup
 from hf_fastvision.training import precompile as pc
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
-def test_jobs_are_one_per_specialization_and_run_without_touching_the_model(name, tiny_checkpoint):
+def test_specs_are_one_per_specialization_and_run_without_touching_the_model(name, tiny_checkpoint):
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint(name), load_in_16bit=True)
-    jobs = pc.plan_jobs(model)
-    kinds = sorted({key[0] for key in jobs})
-    assert "fused_loss" in kinds and ("rms_norm" in kinds), kinds
+    specs = pc.job_specs(model)
+    ops = sorted({s["op"] for s in specs})
+    assert "fused_loss" in ops and "rms_norm" in ops, ops
+    json.dumps(specs)  # plain data: the helper process gets them as JSON
     norms = [m for m in model.modules() if m.__dict__.get("_hffv_patch") == "rms_norm"]
-    widths = {m.weight.shape[-1] for m in norms}
-    assert len([k for k in jobs if k[0] == "rms_norm"]) == len(
-        {(m.weight.shape[-1], m.weight.requires_grad, m.__dict__["_hffv_offset"]) for m in norms}
-    )  # one per (width, trainable, offset), not one per module
-    assert len(norms) > len(widths)
+    expected = {(m.weight.shape[-1], m.weight.requires_grad, m.__dict__["_hffv_offset"]) for m in norms}
+    assert len([s for s in specs if s["op"] == "rms_norm"]) == len(expected) < len(norms)  # per width, not module
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
-    assert pc.precompile(model, background=False, cpu=True) == len(jobs)
+    assert pc.precompile(model, background=False, cpu=True) == len(specs)
     assert torch.equal(torch.get_rng_state(), rng)  # no random draws: the user's seeded streams are untouched
     assert all(p.grad is None for p in model.parameters())
     for n, p in model.named_parameters():
@@ -36,13 +40,25 @@ def test_jobs_are_one_per_specialization_and_run_without_touching_the_model(name
     assert pc.precompile(model, background=False, cpu=True) == 0  # each specialization once per model
 
 
+def test_every_spec_runs_its_op_forward_and_backward(tiny_checkpoint):
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("gemma3"), load_in_16bit=True)
+    ran = []
+    real = warmup.run_spec
+    for spec in pc.job_specs(model):
+        real(spec, torch.device("cpu"))  # raises if a spec does not fit its op
+        ran.append(spec["op"])
+    assert {"rms_norm", "gated_mlp", "fused_loss"} <= set(ran), ran
+    with pytest.raises(ValueError, match="unknown op"):
+        real({"op": "nope", "dtype": "bfloat16"}, torch.device("cpu"))
+
+
 def test_frozen_plans_the_weights_as_a_lora_set_up_leaves_them(tiny_checkpoint):
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
                                                 patches={"precompile": True})
     assert any(p.requires_grad for p in model.parameters())  # transformers' load leaves them trainable
-    trainable = {k[4] for k in pc.plan_jobs(model) if k[0] in ("rms_norm", "fused_loss")}
-    frozen = {k[4] for k in pc.plan_jobs(model, frozen=True) if k[0] in ("rms_norm", "fused_loss")}
-    assert trainable == {True} and frozen == {False}
+    trains = {s["trains"] for s in pc.job_specs(model) if s["op"] in ("rms_norm", "fused_loss")}
+    frozen = {s["trains"] for s in pc.job_specs(model, frozen=True) if s["op"] in ("rms_norm", "fused_loss")}
+    assert trains == {True} and frozen == {False}
     calls = []
     real = pc.precompile
     try:  # get_peft_model starts the frozen plan before injecting, for_training adds what differs
@@ -55,7 +71,7 @@ def test_frozen_plans_the_weights_as_a_lora_set_up_leaves_them(tiny_checkpoint):
 
 def test_on_cpu_nothing_starts_and_the_flag_turns_it_on(tiny_checkpoint):
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
-    assert pc.plan_jobs(model)
+    assert pc.job_specs(model)
     assert pc.precompile(model) == 0  # CPU tensors: no Triton kernels to compile
     off = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)  # the default
     calls = []
@@ -68,22 +84,82 @@ def test_on_cpu_nothing_starts_and_the_flag_turns_it_on(tiny_checkpoint):
                                                  patches={"precompile": True})
         FastVisionModel.for_training(on)
         assert calls == [on]
+        process = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
+                                                      patches={"precompile": "process"})
+        FastVisionModel.for_training(process)  # the process mode starts at load (on CUDA), not in threads
+        assert calls == [on]
     finally:
         pc.precompile = real
+    with pytest.raises(ValueError, match="precompile must be"):
+        AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True,
+                                            patches={"precompile": "threads"})
 
 
-def test_a_failing_job_is_swallowed_and_background_jobs_are_joined(tiny_checkpoint, caplog):
+def test_a_failing_spec_is_swallowed_and_background_jobs_are_joined(tiny_checkpoint):
+    warmup.guarded_run({"op": "nope", "dtype": "bfloat16"}, torch.device("cpu"))  # logs, does not raise
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True)
-    ran = []
-
-    def boom() -> None:
-        ran.append("boom")
-        raise RuntimeError("no compiler")
-
-    key = ("rms_norm", 1, torch.bfloat16, torch.device("cpu"))
-    pc._guarded(key, boom, torch.device("cpu"))  # logs, does not raise
-    assert ran == ["boom"]
-    model.__dict__.pop(pc._DONE, None)
-    assert pc.precompile(model, cpu=True) == len(pc.plan_jobs(model))  # background threads on CPU tensors
+    assert pc.precompile(model, cpu=True) == len(pc.job_specs(model))  # background threads on CPU tensors
     pc.wait(timeout=60)
-    assert not any(not f.done() for f in pc._PENDING)
+    assert all(f.done() for f in pc._PENDING)
+
+
+def test_the_helper_process_runs_the_specs_without_importing_the_package(tiny_checkpoint):
+    """The helper (`warmup.helper_command`) reads JSON specs on stdin and exits 0, importing only the kernels."""
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("gemma3"), load_in_16bit=True)
+    specs = pc.job_specs(model, frozen=True)
+    cmd = warmup.helper_command(0)
+    cmd[2] = ("try:\n    " + cmd[2] + "\nfinally:\n    import sys\n"
+              "    print(sorted(m for m in sys.modules if m.startswith('hf_fastvision')))")
+    done = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print
+    assert "hf_fastvision.kernels" in loaded and "hf_fastvision.auto" not in loaded, loaded
+
+
+def test_start_process_patches_the_meta_model_and_hands_over_frozen_specs(tiny_checkpoint, monkeypatch):
+    from transformers import AutoConfig
+
+    from hf_fastvision.loading import arch_for
+    from hf_fastvision.quantization import meta_model
+    from hf_fastvision.registry import get_arch  # noqa: F401  (the registry the loader reads)
+
+    folder = tiny_checkpoint("qwen2_5_vl")
+    config = AutoConfig.from_pretrained(folder)
+    model_class = type(AutoFastVisionModel.from_pretrained(folder, load_in_16bit=True))
+    meta = meta_model(config, model_class)
+    started = {}
+
+    class FakePopen:
+        def __init__(self, cmd, stdin=None, **kw):
+            started["cmd"] = cmd
+            self.stdin = self
+            self.data = b""
+
+        def write(self, data):
+            started["specs"] = json.loads(data)
+
+        def close(self):
+            pass
+
+        def poll(self):
+            return None
+
+    import hf_fastvision.kernels as kernels
+
+    monkeypatch.setattr(pc.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    proc = pc.start_process(meta, arch_for(config, folder), pc_options(), torch.device("cuda", 1), torch.bfloat16)
+    assert isinstance(proc, FakePopen) and started["cmd"][-1] == "1"
+    assert {s["op"] for s in started["specs"]} >= {"rms_norm", "fused_loss"}
+    assert all(not s.get("trains", False) for s in started["specs"])  # as after the LoRA set-up
+    # the meta model is fp32; the specs carry the load's dtype
+    assert {s["dtype"] for s in started["specs"]} == {"bfloat16"}
+    assert {s["weight_dtype"] for s in started["specs"] if "weight_dtype" in s} == {"bfloat16"}
+    assert pc.start_process(meta, arch_for(config, folder), pc_options(), torch.device("cpu"), torch.bfloat16) is None
+    pc._PROCESSES.clear()
+
+
+def pc_options():
+    from hf_fastvision.patching import PatchOptions
+
+    return PatchOptions(precompile="process")

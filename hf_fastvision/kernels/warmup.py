@@ -1,0 +1,100 @@
+"""Run fused ops once on dummy data so Triton compiles their kernels (`training/precompile.py` plans the specs).
+
+Imports only torch, triton and the kernel modules. Run as a file (`helper_command`: this file run as ``__main__``
+with the device index as argument, specs as JSON on stdin) it is the helper process of ``patches={"precompile": "process"}``: it loads this package without the
+rest of hf_fastvision (whose import takes seconds), compiles the specs in 4 threads into Triton's on-disk cache
+and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROWS = 16  # dummy rows per job: a multiple of 16, as Triton's integer specialization sees the real sizes
+_LOSS_HIDDEN = 64  # the loss kernel reads [rows, vocab] logits: the hidden width of its dummy matmul is free
+
+
+def run_spec(spec: dict[str, Any], device: torch.device) -> None:
+    """Run the spec's op forward and backward once on dummy data (compiles its kernels on CUDA)."""
+    from hf_fastvision.kernels import fused_linear_cross_entropy, geglu, rms_norm, swiglu
+
+    dtype = getattr(torch, spec["dtype"])
+    if spec["op"] == "rms_norm":
+        weight = torch.ones(spec["width"], dtype=getattr(torch, spec["weight_dtype"]), device=device,
+                            requires_grad=spec["trains"])
+        x = torch.full((ROWS, spec["width"]), 0.5, dtype=dtype, device=device, requires_grad=True)
+        out = rms_norm(x, weight, spec["eps"], offset=spec["offset"])
+        torch.autograd.grad(out, [x, weight] if spec["trains"] else [x], torch.ones_like(out))
+    elif spec["op"] == "gated_mlp":
+        op = swiglu if spec["act"] == "silu" else geglu
+        gate, up = (torch.full((ROWS, 256), 0.5, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+        out = op(gate, up)
+        torch.autograd.grad(out, [gate, up], torch.ones_like(out))
+    elif spec["op"] == "fused_loss":
+        wdtype = getattr(torch, spec["weight_dtype"])
+        weight = torch.full((spec["vocab"], _LOSS_HIDDEN), 0.01, dtype=wdtype, device=device,
+                            requires_grad=spec["trains"])
+        bias = torch.zeros(spec["vocab"], dtype=wdtype, device=device) if spec["bias"] else None
+        hidden = torch.full((ROWS, _LOSS_HIDDEN), 0.5, dtype=dtype, device=device, requires_grad=True)
+        labels = torch.zeros(ROWS, dtype=torch.long, device=device)
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, logit_softcapping=spec["softcap"])
+        torch.autograd.grad(loss, [hidden, weight] if spec["trains"] else [hidden])
+    else:
+        raise ValueError(f"unknown op {spec['op']!r}")
+
+
+def guarded_run(spec: dict[str, Any], device: torch.device) -> None:
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+                run_spec(spec, device)
+                torch.cuda.current_stream().synchronize()  # its temporaries are freed after its kernels ran
+        else:
+            run_spec(spec, device)
+    except Exception as exc:  # never fail training set-up over a warm-up
+        logger.debug("precompile: %s failed (%s: %s); it compiles in the step instead", spec.get("op"),
+                     type(exc).__name__, exc)
+
+
+def helper_command(device_index: int) -> list[str]:
+    """The helper process's command line (``-c``: the interpreter's path starts at the working directory, as the
+    user's own process does, not in this folder, whose module names would shadow top-level ones)."""
+    code = f"import runpy; runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')"
+    return [sys.executable, "-c", code, str(device_index)]
+
+
+def run_specs(specs: list[dict[str, Any]], device: torch.device, workers: int = 4) -> None:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(lambda spec: guarded_run(spec, device), specs))
+
+
+def _standalone_package() -> None:
+    """Make ``hf_fastvision.kernels`` importable without running ``hf_fastvision/__init__.py`` (helper process)."""
+    if "hf_fastvision" in sys.modules:
+        return
+    import types
+
+    package = types.ModuleType("hf_fastvision")
+    package.__path__ = [str(Path(__file__).resolve().parents[1])]
+    sys.modules["hf_fastvision"] = package
+
+
+def _main(argv: list[str]) -> int:
+    _standalone_package()
+    specs = json.loads(sys.stdin.read() or "[]")
+    device = torch.device("cuda", int(argv[0])) if argv and torch.cuda.is_available() else torch.device("cpu")
+    run_specs(specs, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
