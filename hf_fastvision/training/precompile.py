@@ -62,8 +62,8 @@ def _spec(module: nn.Module, kind: str | None, frozen: bool, act: torch.dtype,
     if kind == "rms_norm" and "_hffv_eps" in module.__dict__:
         w = module.weight
         return {"op": "rms_norm", "width": int(w.shape[-1]), "dtype": _name(act),
-                "weight_dtype": _name(weights or w.dtype), "trains": bool(w.requires_grad and not frozen), "offset": float(module.__dict__["_hffv_offset"]),
-                "eps": float(module.__dict__["_hffv_eps"])}
+                "weight_dtype": _name(weights or w.dtype), "trains": bool(w.requires_grad and not frozen),
+                "offset": float(module.__dict__["_hffv_offset"]), "eps": float(module.__dict__["_hffv_eps"])}
     if kind == "mlp" and "_hffv_act" in module.__dict__:
         return {"op": "gated_mlp", "act": module.__dict__["_hffv_act"], "dtype": _name(act)}
     if kind == "fused_loss":
@@ -72,8 +72,8 @@ def _spec(module: nn.Module, kind: str | None, frozen: bool, act: torch.dtype,
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
             return None
         return {"op": "fused_loss", "vocab": int(w.shape[0]), "dtype": _name(act),
-                "weight_dtype": _name(weights or w.dtype), "trains": bool(w.requires_grad and not frozen), "softcap": module.__dict__.get("_hffv_softcap"),
-                "bias": getattr(head, "bias", None) is not None}
+                "weight_dtype": _name(weights or w.dtype), "trains": bool(w.requires_grad and not frozen),
+                "softcap": module.__dict__.get("_hffv_softcap"), "bias": getattr(head, "bias", None) is not None}
     return None
 
 
