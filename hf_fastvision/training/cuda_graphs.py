@@ -556,18 +556,18 @@ class GraphedLayers:
         return NotImplemented
 
     def _buffer(self, slot: Any, like: torch.Tensor) -> torch.Tensor:
-        key = (slot, like.shape, like.dtype, like.device, like.stride())
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+        """The static buffer of `slot` laid out like `like`, filled with it when new."""
+        known = (slot, like.shape, like.dtype, like.device, like.stride()) in self._buffers
+        buf = self._buffer_for(slot, like.shape, like.stride(), like.dtype, like.device)
+        if not known:
             buf.copy_(like.detach())  # detached: a buffer must not keep autograd nodes (and their streams) alive
             _forget(buf)
-            self._buffers[key] = buf
         return buf
 
     def _buffer_for(self, slot: Any, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
-        """`_buffer` from a layout alone (its contents are written before any graph reads them)."""
+        """The static buffer of `slot` for a layout (shared by every layer of that layout; its contents are
+        written before any graph reads them)."""
         key = (slot, shape, dtype, device, stride)
         buf = self._buffers.get(key)
         if buf is None:
@@ -611,8 +611,8 @@ class GraphedLayers:
             # the output takes the input's own buffer where it can (one buffer less per shape): `fwd` writes it
             # only after the body has finished reading the input. The eager warm-up (lazy inits on the capture
             # stream, and the output's layout) runs once per layer class and signature: ~60 layer forwards less in
-            # a 7B model's first step.
-            # a capture in the first backward knows the layout from the layer's own eager forward
+            # a 7B model's first step; a capture in the first backward knows the layout from the layer's own eager
+            # forward.
             warm_key = (type(layer), key_signature)
             if layout is None or warm_key not in self._fwd_warmed:
                 warm_out = entry.fwd.warm(fwd_body)

@@ -126,12 +126,9 @@ def get_peft_model(
         task_type=None,
         **kwargs,
     )
-    from hf_fastvision.patching import PatchOptions
+    from hf_fastvision.training import precompile
 
-    if PatchOptions.from_value(_unwrap(model).__dict__.get("_hffv_patch_options")).precompile is True:
-        from hf_fastvision.training.precompile import precompile
-
-        precompile(_unwrap(model), frozen=True)  # background compiles overlap the injection below
+    precompile.precompile_if_enabled(_unwrap(model), frozen=True)  # background compiles overlap the injection
     dtypes_before = {n: p.dtype for n, p in model.named_parameters()}
     mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
         model, "_hf_fastvision_checkpointing", "unsloth"
@@ -180,12 +177,9 @@ def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
         disable_checkpointing(base)
     if (processor := _processor(model)) is not None:
         set_padding_side(processor, "right")
-    from hf_fastvision.patching import PatchOptions
+    from hf_fastvision.training import precompile
 
-    if PatchOptions.from_value(base.__dict__.get("_hffv_patch_options")).precompile is True:
-        from hf_fastvision.training.precompile import precompile
-
-        precompile(base)  # background threads on CUDA: the first step finds its kernels compiled
+    precompile.precompile_if_enabled(base)  # opt-in threads on CUDA: the first step finds its kernels compiled
     return model
 
 

@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 from hf_fastvision.kernels import warmup
-from hf_fastvision.kernels.warmup import guarded_run
 
-__all__ = ["job_specs", "precompile", "start_process", "wait"]
+__all__ = ["job_specs", "precompile", "precompile_if_enabled", "start_process", "wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +130,24 @@ def precompile(model: nn.Module, *, background: bool = True, max_workers: int = 
     done.update(_key(s) for s in specs)
     if not background:
         for spec in specs:
-            guarded_run(spec, device)
+            warmup.guarded_run(spec, device)
         return len(specs)
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(specs))), thread_name_prefix="hffv-precompile")
-    futures = [pool.submit(guarded_run, spec, device) for spec in specs]
+    futures = [pool.submit(warmup.guarded_run, spec, device) for spec in specs]
     pool.shutdown(wait=False)
     with _LOCK:
         _PENDING[:] = [f for f in _PENDING if not f.done()] + futures
     return len(specs)
+
+
+def precompile_if_enabled(model: nn.Module, frozen: bool = False) -> int:
+    """`precompile` in threads where the model was loaded with ``patches={"precompile": True}`` (the ``"process"``
+    mode starts at load instead); what `get_peft_model` and `for_training` call."""
+    from hf_fastvision.patching import PatchOptions
+
+    if PatchOptions.from_value(model.__dict__.get("_hffv_patch_options")).precompile is not True:
+        return 0
+    return precompile(model, frozen=frozen)
 
 
 def start_process(meta: nn.Module, spec: Any, options: Any, device: torch.device,
