@@ -6,13 +6,21 @@ reserved 15.2 GiB for 11.0 GiB allocated (H200, `scripts/bench_qlora.py`). Expan
 physical pages into one growing virtual range per pool and stream, so freed blocks merge and reserved memory stays
 close to allocated memory. Unsloth turns the same setting on when it is imported.
 
-How: `configure()` runs when `hf_fastvision` is imported. It only writes the environment variable torch reads when
-the allocator starts, and only when all of these hold:
+How: `configure()` runs when `hf_fastvision` is imported and decides, once, when the setting takes effect;
+`HF_FASTVISION_EXPANDABLE_SEGMENTS` chooses:
 
-- no allocator variable is set (``PYTORCH_ALLOC_CONF``, ``PYTORCH_CUDA_ALLOC_CONF``; the user's choice wins);
-- ``HF_FASTVISION_EXPANDABLE_SEGMENTS`` is not ``0`` (the opt-out);
-- CUDA has not started in this process (the allocator would not read the variable any more);
-- the platform supports expandable segments (not Windows, not WSL, not ROCm).
+- ``import`` (the default): it writes the environment variable torch reads when the allocator starts, so every
+  allocation, the load's included, goes to expandable segments;
+- ``train``: nothing at import; `enable_for_training()` (called by `FastVisionModel.for_training`, which
+  `get_peft_model` runs) switches the running allocator over, after the weights are placed in fixed segments
+  (which need no page mapping per allocation) and the load's freed blocks are handed back;
+- ``0`` (also ``false``/``no``/``off``): never.
+
+Either way it does nothing when any of these holds:
+
+- an allocator variable is set (``PYTORCH_ALLOC_CONF``, ``PYTORCH_CUDA_ALLOC_CONF``; the user's choice wins);
+- CUDA has started before the decision (the allocator would not read the variable any more);
+- the platform does not support expandable segments (Windows, WSL, ROCm).
 
 It changes no numbers, only how memory is reserved.
 """
@@ -22,11 +30,14 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["configure", "OPT_OUT", "SETTING"]
+__all__ = ["configure", "enable_for_training", "OPT_OUT", "SETTING"]
 
 OPT_OUT = "HF_FASTVISION_EXPANDABLE_SEGMENTS"
 SETTING = "expandable_segments:True"
 _USER_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+_OFF = ("0", "false", "no", "off")
+_MODES = ("import", "train")
+_pending: list[bool] = []  # [True] while `enable_for_training` still has to switch the allocator over
 
 
 def _unsupported_platform() -> str | None:
@@ -46,8 +57,12 @@ def _unsupported_platform() -> str | None:
 def configure(environ: dict[str, str] | None = None) -> str:
     """Set expandable segments where allowed; returns what happened (``"set"`` or why not), for logs and tests."""
     env = os.environ if environ is None else environ
-    if env.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"off ({OPT_OUT}=0)"
+    _pending.clear()
+    mode = env.get(OPT_OUT, "import").strip().lower() or "import"
+    if mode in _OFF:
+        return f"off ({OPT_OUT}={mode})"
+    if mode not in _MODES and mode not in ("1", "true", "on"):
+        raise ValueError(f"{OPT_OUT}={mode!r}: use one of import, train, 0")
     for var in _USER_VARS:
         if var in env:
             return f"left to the user ({var} is set)"
@@ -63,8 +78,33 @@ def configure(environ: dict[str, str] | None = None) -> str:
             return "too late (CUDA already started)"
     except Exception:  # pragma: no cover - a torch without CUDA support
         return "no CUDA"
+    if mode == "train":
+        _pending.append(True)
+        return "deferred to training"
     env[_variable()] = SETTING
     return "set"
+
+
+def enable_for_training() -> str:
+    """Switch the allocator to expandable segments now, when `configure` deferred it (``train`` mode).
+
+    Segments reserved so far stay fixed-size; blocks the load freed are handed back first, so training's memory
+    grows in expandable segments only. Idempotent; returns what happened.
+    """
+    if not _pending:
+        return "nothing deferred"
+    import torch
+
+    _pending.clear()
+    if not torch.cuda.is_initialized():  # nothing allocated on the GPU yet: the variable still works
+        os.environ[_variable()] = SETTING
+        return "set"
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.memory._set_allocator_settings(SETTING)
+    except Exception as exc:  # pragma: no cover - a torch without the runtime setter
+        return f"failed ({type(exc).__name__}: {exc})"
+    return "switched at training"
 
 
 def _variable() -> str:

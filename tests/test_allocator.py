@@ -58,3 +58,47 @@ def test_rocm_is_left_alone(clean, monkeypatch):
 
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     assert allocator.configure(clean) == "unsupported on ROCm" and clean == {}
+
+
+def test_train_mode_defers_until_training(clean, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    clean[allocator.OPT_OUT] = "train"
+    assert allocator.configure(clean) == "deferred to training"
+    assert clean == {allocator.OPT_OUT: "train"}  # nothing written at import
+    monkeypatch.setenv(allocator._variable(), "x")  # recorded, so the teardown removes what the call writes
+    monkeypatch.delenv(allocator._variable())
+    assert allocator.enable_for_training() == "set"  # CUDA not started yet: the variable still takes effect
+    import os
+
+    assert os.environ[allocator._variable()] == allocator.SETTING
+    assert allocator.enable_for_training() == "nothing deferred"  # once only
+
+
+def test_train_mode_switches_a_running_allocator(clean, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    clean[allocator.OPT_OUT] = "train"
+    allocator.configure(clean)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(s))
+    assert allocator.enable_for_training() == "switched at training"
+    assert calls == ["empty_cache", allocator.SETTING]  # the load's freed blocks go back before the switch
+
+
+def test_import_mode_leaves_nothing_for_training(clean, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert allocator.configure(clean) == "set"
+    assert allocator.enable_for_training() == "nothing deferred"
+
+
+def test_an_unknown_mode_names_the_choices(clean):
+    clean[allocator.OPT_OUT] = "later"
+    with pytest.raises(ValueError, match="import, train, 0"):
+        allocator.configure(clean)

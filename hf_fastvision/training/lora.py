@@ -180,6 +180,9 @@ def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
     from hf_fastvision.training import precompile
 
     precompile.precompile_if_enabled(base)  # opt-in threads on CUDA: the first step finds its kernels compiled
+    from hf_fastvision import allocator
+
+    allocator.enable_for_training()  # expandable segments from here on, where deferred (see `allocator`)
     return model
 
 
