@@ -9,11 +9,14 @@ close to allocated memory. Unsloth turns the same setting on when it is imported
 How: `configure()` runs when `hf_fastvision` is imported and decides, once, when the setting takes effect;
 `HF_FASTVISION_EXPANDABLE_SEGMENTS` chooses:
 
-- ``import`` (the default): it writes the environment variable torch reads when the allocator starts, so every
-  allocation, the load's included, goes to expandable segments;
-- ``train``: nothing at import; `enable_for_training()` (called by `FastVisionModel.for_training`, which
-  `get_peft_model` runs) switches the running allocator over, after the weights are placed in fixed segments
-  (which need no page mapping per allocation) and the load's freed blocks are handed back;
+- ``train`` (the default): nothing at import; `enable_for_training()` (called by `FastVisionModel.for_training`,
+  which `get_peft_model` runs) switches the running allocator over, after the weights are placed in fixed-size
+  segments and the load's freed blocks are handed back. Why: every expandable-segment growth maps pages, with
+  some synchronisation, and the load makes thousands of allocations; on the H200, Qwen2.5-VL-7B's load took
+  6.0 s with expandable segments from import and 4.9 s deferred (the recipe: 5.4 s), same peak and reserved
+  memory (`scripts/results/h200_2026-12-02n_nineteenth/`);
+- ``import``: it writes the environment variable torch reads when the allocator starts, so every allocation, the
+  load's included, goes to expandable segments;
 - ``0`` (also ``false``/``no``/``off``): never.
 
 Either way it does nothing when any of these holds:
@@ -58,10 +61,10 @@ def configure(environ: dict[str, str] | None = None) -> str:
     """Set expandable segments where allowed; returns what happened (``"set"`` or why not), for logs and tests."""
     env = os.environ if environ is None else environ
     _pending.clear()
-    mode = env.get(OPT_OUT, "import").strip().lower() or "import"
+    mode = env.get(OPT_OUT, "train").strip().lower() or "train"
     if mode in _OFF:
         return f"off ({OPT_OUT}={mode})"
-    if mode not in _MODES and mode not in ("1", "true", "on"):
+    if mode not in _MODES and mode not in ("1", "true", "on"):  # the old on-switch means the default
         raise ValueError(f"{OPT_OUT}={mode!r}: use one of import, train, 0")
     for var in _USER_VARS:
         if var in env:
@@ -78,7 +81,7 @@ def configure(environ: dict[str, str] | None = None) -> str:
             return "too late (CUDA already started)"
     except Exception:  # pragma: no cover - a torch without CUDA support
         return "no CUDA"
-    if mode == "train":
+    if mode != "import":
         _pending.append(True)
         return "deferred to training"
     env[_variable()] = SETTING

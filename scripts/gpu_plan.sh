@@ -18,7 +18,7 @@
 #   bash scripts/gpu_plan.sh sixteenth  # the Llama table (four systems), then a profile of ours at Llama 2048
 #   bash scripts/gpu_plan.sh seventeenth # the precompile GPU test, then ours alone on Qwen 2048 (first step)
 #   bash scripts/gpu_plan.sh eighteenth # Mllama split GPU tests, then the Llama table (four systems, Unsloth last)
-#   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours' cold first step sampled; load cProfile ours, ours ES deferred, hf
+#   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
 #   bash scripts/gpu_plan.sh llama      # Llama-3.2-11B-Vision: all four systems at 2048 (same run)
@@ -237,22 +237,28 @@ for d in ("q19p", "q19d", "q19t", "q19h"):
               r["end_reserved_gib"], "triton", r["first_step_triton"])
 PY
     ;;
-  twentieth)  # ~6 minutes: Llama 2048, the two targets still missed there. Where ours' cold first step goes (17.8 s
-    # in the eighteenth command: Triton 2.3 s of it; fresh Triton, Inductor and CUDA JIT caches, every thread's
-    # stacks sampled), then the load under cProfile: ours with expandable segments from import (the default), ours
-    # with them deferred to training, and the recipe (peft's injection: 2.2 s in ours against 1.7 s)
-    python scripts/bench_scaling.py prepare --model llama32_11b_vision --seq 2048 > /dev/null 2>&1
-    TRITON_CACHE_DIR=/tmp/tc20 CUDA_CACHE_PATH=/tmp/nvc20 TORCHINDUCTOR_CACHE_DIR=/tmp/ind20 timeout 170 \
+  twentieth)  # ~8 minutes: Llama 2048, the two targets still missed there, with expandable segments now deferred to
+    # training (the default since the nineteenth command: Qwen's load 6.0 -> 4.9 s, the recipe's 5.4 s). ours and hf
+    # side by side (load against the recipe's in one command; ours' step against the eighteenth command's 0.474 s),
+    # then where ours' cold first step goes (17.8 s in the eighteenth command, Triton 2.3 s of it; fresh Triton,
+    # Inductor and CUDA JIT caches, every thread's stacks sampled), then ours' and hf's load under cProfile
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours hf --steps 6 --budget 320 \
+      --out /tmp/l20 > /tmp/l20.txt 2>&1
+    cp /tmp/l20/results.md /tmp/l20/results.csv /tmp/l20/workers.log "$out/" 2>/dev/null
+    grep "| Llama\|caches:" /tmp/l20/results.md | cut -c1-150; grep "allocator" /tmp/l20/workers.log
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/l20/results.csv")):
+    print(r["system"], "load", r["load_parts"], r["load_splits"], "triton", r["first_step_triton"], "gc", r["gc_s"])
+PY
+    TRITON_CACHE_DIR=/tmp/tc20 CUDA_CACHE_PATH=/tmp/nvc20 TORCHINDUCTOR_CACHE_DIR=/tmp/ind20 timeout 120 \
       python scripts/first_steps.py --model llama32_11b_vision --seq 2048 --steps 2 --top 30 \
       --out "$out/first_steps_cold" 2>&1 | grep "^step\|innermost" | head -64 > "$out/first_steps.txt"
-    head -28 "$out/first_steps.txt" | cut -c1-160
-    for s in ours train hf; do
-      sys=$s; env_es=import; [ $s = train ] && { sys=ours; env_es=train; }
-      HF_FASTVISION_EXPANDABLE_SEGMENTS=$env_es timeout 100 python scripts/profile_load.py --model llama32_11b_vision \
-        --system $sys --top 40 --out "$out/load_$s" > "$out/profile_load_$s.txt" 2>&1
-      grep "^\[" "$out/profile_load_$s.txt" | cut -c1-300
-      python -c "import json,sys; d=json.load(open(sys.argv[1])); print('$s', 'splits', d['splits'])" \
-        "$out/load_$s/load_$sys.json"
+    head -20 "$out/first_steps.txt" | cut -c1-140
+    for s in ours hf; do
+      timeout 60 python scripts/profile_load.py --model llama32_11b_vision --system $s --top 40 --out "$out/load_$s" \
+        > "$out/profile_load_$s.txt" 2>&1
+      grep "^\[" "$out/profile_load_$s.txt" | cut -c1-200
     done ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"

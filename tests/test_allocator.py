@@ -15,12 +15,20 @@ def clean(monkeypatch):
     return {}
 
 
-def test_sets_expandable_segments_when_nothing_is_configured(clean, monkeypatch):
+def test_defers_to_training_when_nothing_is_configured(clean, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert allocator.configure(clean) == "deferred to training" and clean == {}
+
+
+def test_import_mode_sets_expandable_segments_at_once(clean, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    clean[allocator.OPT_OUT] = "import"
     assert allocator.configure(clean) == "set"
-    assert clean == {allocator._variable(): allocator.SETTING}
+    assert clean == {allocator.OPT_OUT: "import", allocator._variable(): allocator.SETTING}
     assert allocator._variable() in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
@@ -94,6 +102,7 @@ def test_import_mode_leaves_nothing_for_training(clean, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    clean[allocator.OPT_OUT] = "import"
     assert allocator.configure(clean) == "set"
     assert allocator.enable_for_training() == "nothing deferred"
 
