@@ -163,3 +163,20 @@ def pc_options():
     from hf_fastvision.patching import PatchOptions
 
     return PatchOptions(precompile="process")
+
+
+def test_the_norm_runs_both_row_count_variants(monkeypatch):
+    """Triton specializes the backward's row count on divisibility by 16: the warm-up launches both variants."""
+    import hf_fastvision.kernels as kernels
+
+    rows = []
+
+    def recording(x, weight, eps, offset=0.0):
+        rows.append(x.shape[0])
+        return x * weight
+
+    monkeypatch.setattr(kernels, "rms_norm", recording)
+    spec = {"op": "rms_norm", "width": 32, "dtype": "float32", "weight_dtype": "float32", "trains": True,
+            "offset": 0.0, "eps": 1e-6}
+    warmup.run_spec(spec, torch.device("cpu"))
+    assert [r % 16 == 0 for r in rows] == [True, False]
