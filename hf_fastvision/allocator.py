@@ -104,7 +104,8 @@ def enable_for_training() -> str:
         return "set"
     try:
         torch.cuda.empty_cache()
-        torch.cuda.memory._set_allocator_settings(SETTING)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; the CUDA one warns
+        (setter or torch.cuda.memory._set_allocator_settings)(SETTING)
     except Exception as exc:  # pragma: no cover - a torch without the runtime setter
         return f"failed ({type(exc).__name__}: {exc})"
     return "switched at training"

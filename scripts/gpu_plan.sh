@@ -18,6 +18,7 @@
 #   bash scripts/gpu_plan.sh sixteenth  # the Llama table (four systems), then a profile of ours at Llama 2048
 #   bash scripts/gpu_plan.sh seventeenth # the precompile GPU test, then ours alone on Qwen 2048 (first step)
 #   bash scripts/gpu_plan.sh eighteenth # Mllama split GPU tests, then the Llama table (four systems, Unsloth last)
+#   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
 #   bash scripts/gpu_plan.sh tests      # GPU tests: compiled kernels + real graphs
@@ -260,6 +261,13 @@ PY
         > "$out/profile_load_$s.txt" 2>&1
       grep "^\[" "$out/profile_load_$s.txt" | cut -c1-200
     done ;;
+  twentyfirst)  # ~4 minutes: the allocator GPU test (the runtime setter now torch's accelerator one: the CUDA one
+    # warned of its deprecation in the twentieth command) and the precompile GPU test (the norm warm-up now runs
+    # both row-count variants: in the nineteenth command the tiny step rebuilt the norm's backward)
+    timeout 50 python -m pytest -q tests/gpu/test_allocator_gpu.py 2>&1 | tail -8 > "$out/gpu_tests_alloc.txt"
+    tail -1 "$out/gpu_tests_alloc.txt"
+    timeout 170 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -4 "$out/gpu_tests.txt" | cut -c1-300 ;;
   tests)
     timeout 540 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -40 > "$out/gpu_tests.txt"
     cat "$out/gpu_tests.txt" ;;

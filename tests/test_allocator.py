@@ -94,6 +94,7 @@ def test_train_mode_switches_a_running_allocator(clean, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(s))
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", lambda s: calls.append(s), raising=False)
     assert allocator.enable_for_training() == "switched at training"
     assert calls == ["empty_cache", allocator.SETTING]  # the load's freed blocks go back before the switch
 

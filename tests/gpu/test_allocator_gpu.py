@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent("""
     freed = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     del freed
     reserved_with_freed = torch.cuda.memory_reserved()
+    import warnings
+    warnings.simplefilter("error", FutureWarning)  # a deprecated setter would fail the switch, not just warn
     switch = allocator.enable_for_training()
     reserved_after_switch = torch.cuda.memory_reserved()
     after = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
