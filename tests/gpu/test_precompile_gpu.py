@@ -1,7 +1,7 @@
 """Compiling the kernels ahead of the first step, opt-in (GPU machine): with ``precompile`` on, the first training
 step builds none of the kernels the specs cover (in a fresh process with an empty Triton cache; "built" = ptxas
-ran, so a disk-cache hit from the helper process does not count). Not run to the end yet: the eleventh session's
-call gave it 60 s, too few for its fresh processes."""
+ran, so a disk-cache hit from the helper process does not count). Passed in both modes on the H200
+(`scripts/results/h200_2026-12-02p_twentyfirst/`, ~2 minutes) once the norm's warm-up ran both row-count variants."""
 
 from __future__ import annotations
 
