@@ -9,8 +9,9 @@ close to allocated memory. Unsloth turns the same setting on when it is imported
 How: `configure()` runs when `hf_fastvision` is imported and decides, once, when the setting takes effect;
 `HF_FASTVISION_EXPANDABLE_SEGMENTS` chooses:
 
-- ``train`` (the default): nothing at import; `enable_for_training()` (called by `FastVisionModel.for_training`,
-  which `get_peft_model` runs) switches the running allocator over, after the weights are placed in fixed-size
+- ``train`` (the default): nothing at import; `enable_for_training()` switches the running allocator over when
+  training starts: in `FastVisionModel.for_training` (which `get_peft_model` runs), at the end of a
+  ``full_finetuning=True`` load, or else in the patched model's first training forward with labels, after the weights are placed in fixed-size
   segments and the load's freed blocks are handed back. Why: every expandable-segment growth maps pages, with
   some synchronisation, and the load makes thousands of allocations; on the H200, Qwen2.5-VL-7B's load took
   6.0 s with expandable segments from import and 4.9 s deferred (the recipe: 5.4 s), same peak and reserved

@@ -334,6 +334,9 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
     if options.full_finetuning:
         for p in model.parameters():
             p.requires_grad_(True)
+        from hf_fastvision import allocator
+
+        allocator.enable_for_training()  # ready to train as loaded: expandable segments from here (`allocator`)
     return model
 
 
