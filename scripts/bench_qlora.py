@@ -618,7 +618,8 @@ COLUMNS = ["model", "seq", "batch", "system", "status", "step_s", "tokens_per_s"
            "load_s", "import_s", "steps_peak_gib", "load_peak_gib", "after_load_gib", "end_reserved_gib", "n_4bit",
            "n_16bit",
            "n_lora", "trainable_params", "grad_norm", "nonzero_grads", "n_trainable_tensors", "median_of", "steps_s",
-           "losses", "autocast", "error", "worker_wall_s", "load_parts", "load_splits", "first_step_triton", "gc_s"]
+           "losses", "autocast", "error", "worker_wall_s", "load_parts", "load_splits", "first_step_triton", "gc_s",
+           "host_probe_ms"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -916,6 +917,20 @@ class GcClock:
         gc.callbacks.remove(self._callback)
 
 
+def host_probe_ms(repeats: int = 3) -> float:
+    """Milliseconds of a fixed pure-Python loop, best of ``repeats``: how fast this host runs the Python that
+    launches kernels. Host-bound steps (the recipe's, Unsloth's at 2048) move with it from machine to machine;
+    ours, replayed as CUDA graphs, barely do. Measured in each worker before and after its steps."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(200_000):
+            acc += i & 7
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1e3, 2)
+
+
 def _load_part(name: str) -> None:
     """Seconds since the load began (GPU synced) at the end of each phase: where a system's load time goes."""
     import torch
@@ -1118,6 +1133,7 @@ def worker_main(args) -> int:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        probe_before = host_probe_ms()
         try:
             for i in range(args.steps):
                 # step 1 is compile and warm-up: its time says nothing about step 2's, and a row needs step 2
@@ -1170,6 +1186,7 @@ def worker_main(args) -> int:
         step_s, median_of, status, err = steady_step(times, args.steps, status, err)
         row = {
             "seq": seq, "status": status, "error": err,
+            "host_probe_ms": {"before": probe_before, "after": host_probe_ms()},
             "step_s": step_s, "tokens_per_s": (args.batch * seq / step_s) if step_s else None,
             "peak_gib": max(load_peak, steps_peak) if cuda else None, "steps_peak_gib": steps_peak,
             # CUDA graphs' private pools are reserved, not allocated, while they replay: compare this column too
