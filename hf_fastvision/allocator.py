@@ -23,7 +23,8 @@ How: `configure()` runs when `hf_fastvision` is imported and decides, once, when
 Either way it does nothing when any of these holds:
 
 - an allocator variable is set (``PYTORCH_ALLOC_CONF``, ``PYTORCH_CUDA_ALLOC_CONF``; the user's choice wins);
-- CUDA has started before the decision (the allocator would not read the variable any more);
+- in ``import`` mode, CUDA has started before the import (the allocator would not read the variable any more;
+  ``train`` mode switches at run time, so a late import still gets expandable segments for training);
 - the platform does not support expandable segments (Windows, WSL, ROCm).
 
 It changes no numbers, only how memory is reserved.
@@ -77,14 +78,14 @@ def configure(environ: dict[str, str] | None = None) -> str:
 
     if getattr(torch.version, "hip", None):
         return "unsupported on ROCm"
+    if mode != "import":  # switched at run time: works whether or not CUDA has started
+        _pending.append(True)
+        return "deferred to training"
     try:
         if torch.cuda.is_initialized():
             return "too late (CUDA already started)"
     except Exception:  # pragma: no cover - a torch without CUDA support
         return "no CUDA"
-    if mode != "import":
-        _pending.append(True)
-        return "deferred to training"
     env[_variable()] = SETTING
     return "set"
 
@@ -100,6 +101,8 @@ def enable_for_training() -> str:
     import torch
 
     _pending.clear()
+    if not torch.cuda.is_available():
+        return "no CUDA"
     if not torch.cuda.is_initialized():  # nothing allocated on the GPU yet: the variable still works
         os.environ[_variable()] = SETTING
         return "set"

@@ -12,6 +12,8 @@ def clean(monkeypatch):
     monkeypatch.delenv("WSL_DISTRO_NAME", raising=False)
     monkeypatch.delenv("WSL_INTEROP", raising=False)
     monkeypatch.setattr(allocator, "_unsupported_platform", lambda: None)
+    monkeypatch.setattr(allocator, "_pending", [])  # the package's own decision stays as it was
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the paths a GPU machine takes
     return {}
 
 
@@ -45,8 +47,10 @@ def test_opt_out_and_late_calls_change_nothing(clean, monkeypatch):
     clean[allocator.OPT_OUT] = "0"
     assert allocator.configure(clean).startswith("off") and clean == {allocator.OPT_OUT: "0"}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    env: dict[str, str] = {}
-    assert allocator.configure(env).startswith("too late") and env == {}
+    env: dict[str, str] = {allocator.OPT_OUT: "import"}
+    assert allocator.configure(env).startswith("too late") and env == {allocator.OPT_OUT: "import"}
+    late: dict[str, str] = {}  # the default switches at run time: a late import still gets it for training
+    assert allocator.configure(late) == "deferred to training" and late == {}
 
 
 def test_unsupported_platforms_are_left_alone(monkeypatch):
@@ -112,3 +116,16 @@ def test_an_unknown_mode_names_the_choices(clean):
     clean[allocator.OPT_OUT] = "later"
     with pytest.raises(ValueError, match="import, train, 0"):
         allocator.configure(clean)
+
+
+def test_without_cuda_training_sets_nothing(clean, monkeypatch):
+    import os
+
+    import torch
+
+    clean[allocator.OPT_OUT] = "train"
+    allocator.configure(clean)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    assert allocator.enable_for_training() == "no CUDA"
+    assert {k: os.environ.get(k) for k in before} == before
