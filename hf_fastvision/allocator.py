@@ -11,8 +11,8 @@ How: `configure()` runs when `hf_fastvision` is imported and decides, once, when
 
 - ``train`` (the default): nothing at import; `enable_for_training()` switches the running allocator over when
   training starts: in `FastVisionModel.for_training` (which `get_peft_model` runs), at the end of a
-  ``full_finetuning=True`` load, or else in the patched model's first training forward with labels, after the weights are placed in fixed-size
-  segments and the load's freed blocks are handed back. Why: every expandable-segment growth maps pages, with
+  ``full_finetuning=True`` load, or else in the patched model's first training forward with labels. By then the
+  weights sit in fixed-size segments, and the load's freed blocks are handed back first. Why: every expandable-segment growth maps pages, with
   some synchronisation, and the load makes thousands of allocations; on the H200, Qwen2.5-VL-7B's load took
   6.0 s with expandable segments from import and 4.9 s deferred (the recipe: 5.4 s), same peak and reserved
   memory (`scripts/results/h200_2026-12-02n_nineteenth/`);
@@ -41,6 +41,7 @@ OPT_OUT = "HF_FASTVISION_EXPANDABLE_SEGMENTS"
 SETTING = "expandable_segments:True"
 _USER_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 _OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")  # the old on-switch: the default
 _MODES = ("import", "train")
 _pending: list[bool] = []  # [True] while `enable_for_training` still has to switch the allocator over
 
@@ -63,10 +64,11 @@ def configure(environ: dict[str, str] | None = None) -> str:
     """Set expandable segments where allowed; returns what happened (``"set"`` or why not), for logs and tests."""
     env = os.environ if environ is None else environ
     _pending.clear()
-    mode = env.get(OPT_OUT, "train").strip().lower() or "train"
+    mode = env.get(OPT_OUT, "").strip().lower()
     if mode in _OFF:
         return f"off ({OPT_OUT}={mode})"
-    if mode not in _MODES and mode not in ("1", "true", "on"):  # the old on-switch means the default
+    mode = "train" if mode in _ON or not mode else mode
+    if mode not in _MODES:
         raise ValueError(f"{OPT_OUT}={mode!r}: use one of import, train, 0")
     for var in _USER_VARS:
         if var in env:
@@ -78,7 +80,7 @@ def configure(environ: dict[str, str] | None = None) -> str:
 
     if getattr(torch.version, "hip", None):
         return "unsupported on ROCm"
-    if mode != "import":  # switched at run time: works whether or not CUDA has started
+    if mode == "train":  # switched at run time: works whether or not CUDA has started
         _pending.append(True)
         return "deferred to training"
     try:

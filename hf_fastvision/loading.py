@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hf_fastvision import allocator
 from hf_fastvision.errors import ConflictingOptionsError, CorruptCheckpointError, ModelNotFoundError, NotAVisionModelError
 from hf_fastvision.quantization import QuantPlan, build_plan, meta_model, require_bitsandbytes
 from hf_fastvision.registry import ArchSpec, get_arch
@@ -334,8 +335,6 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
     if options.full_finetuning:
         for p in model.parameters():
             p.requires_grad_(True)
-        from hf_fastvision import allocator
-
         allocator.enable_for_training()  # ready to train as loaded: expandable segments from here (`allocator`)
     return model
 

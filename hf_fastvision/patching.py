@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hf_fastvision import allocator
 from hf_fastvision.registry import ArchSpec, get_arch, resolve_roots
 
 __all__ = [
@@ -280,8 +281,6 @@ def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None
     if labels is None:
         return original(*args, **kwargs)
     if self.training and torch.is_grad_enabled():  # training without `for_training` (e.g. peft's own set-up)
-        from hf_fastvision import allocator
-
         allocator.enable_for_training()  # a no-op once done (see `allocator`)
     num_items = kwargs.pop("num_items_in_batch", None)
     captured: dict[str, torch.Tensor] = {}

@@ -129,3 +129,9 @@ def test_without_cuda_training_sets_nothing(clean, monkeypatch):
     before = {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     assert allocator.enable_for_training() == "no CUDA"
     assert {k: os.environ.get(k) for k in before} == before
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on", ""])
+def test_the_old_on_switch_means_the_default(clean, value):
+    clean[allocator.OPT_OUT] = value
+    assert allocator.configure(clean) == "deferred to training"

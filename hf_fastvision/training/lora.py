@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hf_fastvision import allocator
 from hf_fastvision.loading import get_load_info
 from hf_fastvision.processor import set_padding_side
 from hf_fastvision.quantization import module_role
@@ -180,8 +181,6 @@ def for_training(model: Any, use_gradient_checkpointing: Any = None) -> Any:
     from hf_fastvision.training import precompile
 
     precompile.precompile_if_enabled(base)  # opt-in threads on CUDA: the first step finds its kernels compiled
-    from hf_fastvision import allocator
-
     allocator.enable_for_training()  # expandable segments from here on, where deferred (see `allocator`)
     return model
 
