@@ -269,23 +269,29 @@ PY
     tail -1 "$out/gpu_tests_alloc.txt"
     timeout 170 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
     tail -4 "$out/gpu_tests.txt" | cut -c1-300 ;;
-  twentysecond)  # ~6 minutes: does deferring expandable segments to training cost ours' step anything? (Qwen 2048
+  twentysecond)  # ~8 minutes: does deferring expandable segments to training cost ours' step anything? (Qwen 2048
     # in the nineteenth command: 0.273 s deferred against 0.255 s from import, one step each.) 8 steps of each
-    # setting, alternating, then the recipe's load for reference; host_probe_ms tells the machine's speed
+    # setting, alternating, the precompile helper process twice (first step, load), then the recipe's load for
+    # reference; host_probe_ms tells the machine's speed
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 8 --budget 170 \
       --out /tmp/q22t > /dev/null 2>&1
     HF_FASTVISION_EXPANDABLE_SEGMENTS=import python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 \
       --systems ours --steps 8 --budget 70 --warmup off --out /tmp/q22i > /dev/null 2>&1
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 8 --budget 80 \
+      --warmup off --ours-patches '{"precompile": "process"}' --out /tmp/q22p > /dev/null 2>&1
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 8 --budget 70 \
       --warmup off --out /tmp/q22t2 > /dev/null 2>&1
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 8 --budget 80 \
+      --warmup off --ours-patches '{"precompile": "process"}' --out /tmp/q22p2 > /dev/null 2>&1
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf --steps 4 --budget 70 \
       --warmup off --out /tmp/q22h > /dev/null 2>&1
-    for d in q22t q22i q22t2 q22h; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
+    for d in q22t q22i q22p q22t2 q22p2 q22h; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
     python - <<'PY'
 import csv
-for d in ("q22t", "q22i", "q22t2", "q22h"):
+for d in ("q22t", "q22i", "q22p", "q22t2", "q22p2", "q22h"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
-        print(d, r["system"], "steps", r["steps_s"][:80], "load", r["load_splits"], "host", r["host_probe_ms"])
+        print(d, r["system"], "steps", r["steps_s"][:80], "load", r["load_splits"], "host", r["host_probe_ms"],
+              "triton1", r.get("first_step_triton"))
 PY
     ;;
   tests)
