@@ -51,8 +51,34 @@ def run_spec(spec: dict[str, Any], device: torch.device) -> None:
         labels = torch.zeros(ROWS, dtype=torch.long, device=device)
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, logit_softcapping=spec["softcap"])
         torch.autograd.grad(loss, [hidden, weight] if spec["trains"] else [hidden])
+    elif spec["op"] == "rope":
+        _run_rope(spec, dtype, device)
     else:
         raise ValueError(f"unknown op {spec['op']!r}")
+
+
+def _run_rope(spec: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
+    """The rotary kernel on q/k laid out as the patched forward makes them: ``"text"``, views of one projection
+    each (``[B, S, H*D]`` -> ``[B, H, S, D]``); ``"qkv"``, the Qwen-VL towers' slices of one fused projection
+    (``[S, 3, H, D]``). The sequence length is a kernel argument Triton specializes on divisibility by 16: both
+    variants, as for the norm."""
+    from hf_fastvision.kernels.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
+
+    hq, hk, d = spec["q_heads"], spec["kv_heads"], spec["head_dim"]
+    cos_dtype = getattr(torch, spec["cos_dtype"])
+    for rows in (ROWS, ROWS + 1):
+        if spec["layout"] == "qkv":
+            cos, sin = (torch.full((rows, d), v, dtype=cos_dtype, device=device) for v in (1.0, 0.0))
+            qkv = torch.full((rows, 3 * hq * d), 0.5, dtype=dtype, device=device, requires_grad=True)
+            q, k, _ = qkv.reshape(rows, 3, hq, d).permute(1, 0, 2, 3).unbind(0)
+            outs, leaves = apply_rotary_pos_emb_vision(q, k, cos, sin), [qkv]
+        else:
+            cos, sin = (torch.full((1, rows, d), v, dtype=cos_dtype, device=device) for v in (1.0, 0.0))
+            leaves = [torch.full((1, rows, h * d), 0.5, dtype=dtype, device=device, requires_grad=True)
+                      for h in (hq, hk)]
+            q, k = (t.view(1, rows, -1, d).transpose(1, 2) for t in leaves)
+            outs = apply_rotary_pos_emb(q, k, cos, sin)
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
 
 
 def guarded_run(spec: dict[str, Any], device: torch.device) -> None:

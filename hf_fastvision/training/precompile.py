@@ -1,9 +1,9 @@
 """Compile the patched model's Triton kernels before the first step needs them (opt-in, ``patches={"precompile":
 True}`` or ``"process"``).
 
-Why: with empty caches a QLoRA model's first step compiles ~11 Triton specializations (RMSNorm, SwiGLU/GeGLU and
-the loss kernel, forward and backward, per hidden width): 2.1-2.4 s of an H200 first step (`bench_qlora.py`'s
-``first_step_triton``), plus Triton's one-time start-up.
+Why: with empty caches a QLoRA model's first step compiles ~11 Triton specializations (RMSNorm, SwiGLU/GeGLU,
+RoPE and the loss kernel, forward and backward, per hidden width or head layout): 2.1-2.4 s of an H200 first step
+(`bench_qlora.py`'s ``first_step_triton``), plus Triton's one-time start-up.
 
 How: `job_specs` reads the bound patches (`patching.py`) into plain data, one spec per distinct specialization
 (op, widths, dtypes, whether the weight trains); `kernels.warmup.run_spec` runs that op forward and backward on
@@ -65,6 +65,19 @@ def _spec(module: nn.Module, kind: str | None, frozen: bool, act: torch.dtype,
                 "offset": float(module.__dict__["_hffv_offset"]), "eps": float(module.__dict__["_hffv_eps"])}
     if kind == "mlp" and "_hffv_act" in module.__dict__:
         return {"op": "gated_mlp", "act": module.__dict__["_hffv_act"], "dtype": _name(act)}
+    if kind == "rope":  # a text attention whose forward calls the fused kernel
+        heads = _text_heads(module)
+        if heads is None:
+            return None
+        # transformers' rotary embeddings return cos/sin in the hidden states' dtype
+        return {"op": "rope", "layout": "text", "q_heads": heads[0], "kv_heads": heads[1], "head_dim": heads[2],
+                "dtype": _name(act), "cos_dtype": _name(act)}
+    if kind == "vision_attention" and module.__dict__.get("_hffv_rope") and _grouped_chunk(module):
+        heads = int(module.num_heads)
+        head_dim = int(module.qkv.out_features) // (3 * heads)
+        # the Qwen-VL towers build cos/sin in fp32 (their rotary tables are fp32 whatever the model's dtype)
+        return {"op": "rope", "layout": "qkv", "q_heads": heads, "kv_heads": heads, "head_dim": head_dim,
+                "dtype": _name(act), "cos_dtype": "float32"}
     if kind == "fused_loss":
         head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
         w = getattr(head, "weight", None)
@@ -74,6 +87,26 @@ def _spec(module: nn.Module, kind: str | None, frozen: bool, act: torch.dtype,
                 "weight_dtype": _name(weights or w.dtype), "trains": bool(w.requires_grad and not frozen),
                 "softcap": module.__dict__.get("_hffv_softcap"), "bias": getattr(head, "bias", None) is not None}
     return None
+
+
+def _text_heads(module: nn.Module) -> tuple[int, int, int] | None:
+    """(q heads, k/v heads, head dim) of a text attention with separate q/k projections, else None."""
+    head_dim = getattr(module, "head_dim", None)
+    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    widths = [getattr(m, "out_features", None) for m in (q, k)]
+    if not isinstance(head_dim, int) or head_dim <= 0 or not all(isinstance(w, int) for w in widths):
+        return None
+    if any(w % head_dim for w in widths):
+        return None
+    return widths[0] // head_dim, widths[1] // head_dim, head_dim
+
+
+def _grouped_chunk(module: nn.Module) -> bool:
+    """Whether `module` runs the Qwen-VL vision forward (`archs/_vision_attention.py`), the one with fused rotary."""
+    from hf_fastvision.archs._vision_attention import grouped_chunk_attention_forward
+
+    forward = getattr(module.__dict__.get("forward"), "__func__", None)
+    return forward is grouped_chunk_attention_forward and hasattr(module, "qkv") and hasattr(module, "num_heads")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

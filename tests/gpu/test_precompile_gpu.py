@@ -1,7 +1,8 @@
 """Compiling the kernels ahead of the first step, opt-in (GPU machine): with ``precompile`` on, the first training
 step builds none of the kernels the specs cover (in a fresh process with an empty Triton cache; "built" = ptxas
 ran, so a disk-cache hit from the helper process does not count). Passed in both modes on the H200
-(`scripts/results/h200_2026-12-02p_twentyfirst/`, ~2 minutes) once the norm's warm-up ran both row-count variants."""
+(`scripts/results/h200_2026-12-02p_twentyfirst/`, ~2 minutes) once the norm's warm-up ran both row-count variants;
+the rotary kernel (text and vision layouts) joined the covered set afterwards."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 COVERED = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
-           "_geglu_fwd_kernel", "_geglu_bwd_kernel", "_ce_fwd_bwd_kernel")
+           "_geglu_fwd_kernel", "_geglu_bwd_kernel", "_ce_fwd_bwd_kernel", "_rope_kernel")
 
 SCRIPT = textwrap.dedent("""
     import json, sys, threading, torch

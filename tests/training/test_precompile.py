@@ -47,7 +47,7 @@ def test_every_spec_runs_its_op_forward_and_backward(tiny_checkpoint):
     for spec in pc.job_specs(model):
         real(spec, torch.device("cpu"))  # raises if a spec does not fit its op
         ran.append(spec["op"])
-    assert {"rms_norm", "gated_mlp", "fused_loss"} <= set(ran), ran
+    assert {"rms_norm", "gated_mlp", "fused_loss", "rope"} <= set(ran), ran
     with pytest.raises(ValueError, match="unknown op"):
         real({"op": "nope", "dtype": "bfloat16"}, torch.device("cpu"))
 
@@ -180,3 +180,52 @@ def test_the_norm_runs_both_row_count_variants(monkeypatch):
             "offset": 0.0, "eps": 1e-6}
     warmup.run_spec(spec, torch.device("cpu"))
     assert [r % 16 == 0 for r in rows] == [True, False]
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
+def test_rope_specs_describe_the_real_rotary_calls(name, tiny_checkpoint, monkeypatch):
+    """Each rotary call of a bf16 training forward (text: q/k views of their projections; Qwen-VL towers: slices
+    of the fused qkv with fp32 cos/sin) matches one planned spec: heads, head dim, q and cos dtypes, layout."""
+    import hf_fastvision.kernels.rope as rope
+
+    model = FastVisionModel.from_pretrained(tiny_checkpoint(name), max_seq_length=256, dtype=torch.bfloat16,
+                                            load_in_16bit=True)[0]
+    planned = {(s["layout"], s["q_heads"], s["kv_heads"], s["head_dim"], s["dtype"], s["cos_dtype"])
+               for s in pc.job_specs(model, frozen=True) if s["op"] == "rope"}
+    seen = set()
+    # the references: what the fused entry points call on CPU (the patched text forwards hold the entry point)
+    for fn, layout in (("apply_rotary_pos_emb_ref", "text"), ("apply_rotary_pos_emb_vision_ref", "qkv")):
+        def recording(q, k, cos, sin, *args, _real=getattr(rope, fn), _layout=layout, **kwargs):
+            # heads are dim 1 of both layouts: [B, H, S, D] (text) and [S, H, D] (the towers)
+            seen.add((_layout, q.shape[1], k.shape[1], q.shape[-1], str(q.dtype)[6:], str(cos.dtype)[6:]))
+            return _real(q, k, cos, sin, *args, **kwargs)
+
+        monkeypatch.setattr(rope, fn, recording)
+    from hf_fastvision.archs.tiny import sample_batch, tiny_processor
+
+    batch = sample_batch(tiny_processor(name), name, n=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch).loss.backward()
+    assert seen and seen == planned, (seen, planned)
+    assert {layout for layout, *_ in planned} == ({"text", "qkv"} if name == "qwen2_5_vl" else {"text"})
+
+
+def test_the_rope_warm_up_runs_both_layouts_and_row_variants(monkeypatch):
+    import hf_fastvision.kernels.rope as rope
+
+    calls = []
+    for fn in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):
+        def recording(q, k, cos, sin, _real=getattr(rope, fn), _fn=fn):
+            calls.append((_fn, tuple(q.shape), q.stride(), cos.dtype))
+            return _real(q, k, cos, sin)
+
+        monkeypatch.setattr(rope, fn, recording)
+    base = {"op": "rope", "q_heads": 4, "kv_heads": 2, "head_dim": 16, "dtype": "bfloat16"}
+    warmup.run_spec({**base, "layout": "text", "cos_dtype": "bfloat16"}, torch.device("cpu"))
+    warmup.run_spec({**base, "kv_heads": 4, "layout": "qkv", "cos_dtype": "float32"}, torch.device("cpu"))
+    assert [(fn, shape[2] if fn.endswith("emb") else shape[0]) for fn, shape, _, _ in calls] == [
+        ("apply_rotary_pos_emb", 16), ("apply_rotary_pos_emb", 17),
+        ("apply_rotary_pos_emb_vision", 16), ("apply_rotary_pos_emb_vision", 17)]
+    assert calls[0][2] == (16 * 64, 16, 64, 1)  # q: a [B, S, H*D] projection viewed as [B, H, S, D]
+    assert calls[2][2] == (3 * 64, 16, 1)  # q: a slice of the fused [S, 3, H, D] projection
+    assert [c[3] for c in calls] == [torch.bfloat16] * 2 + [torch.float32] * 2
