@@ -19,6 +19,8 @@
 #   bash scripts/gpu_plan.sh seventeenth # the precompile GPU test, then ours alone on Qwen 2048 (first step)
 #   bash scripts/gpu_plan.sh eighteenth # Mllama split GPU tests, then the Llama table (four systems, Unsloth last)
 #   bash scripts/gpu_plan.sh twentysecond # Qwen 2048 ours: expandable segments deferred vs from import, 8 steps each
+#   bash scripts/gpu_plan.sh twentythird  # the Llama table at the current code (four systems, 2048+8192)
+#   bash scripts/gpu_plan.sh twentyfourth # the Qwen table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -292,6 +294,29 @@ for d in ("q22t", "q22i", "q22p", "q22t2", "q22p2", "q22h"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], "steps", r["steps_s"][:80], "load", r["load_splits"], "host", r["host_probe_ms"],
               "triton1", r.get("first_step_triton"))
+PY
+    ;;
+  twentythird)  # ~10 minutes: the Llama table at the current code (four systems, fresh caches, warm-up, Unsloth last;
+    # expandable segments deferred to training, the default since the twentieth command)
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours hf liger unsloth \
+      --steps 6 --budget 540 --out /tmp/l23 > /tmp/l23.txt 2>&1
+    cp /tmp/l23/results.md /tmp/l23/results.csv /tmp/l23/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/l23/results.csv")):
+    print(r["system"], r["seq"], "load", r["load_splits"], "triton", r["first_step_triton"], "host", r["host_probe_ms"])
+PY
+    ;;
+  twentyfourth)  # ~9 minutes: the Qwen table at the current code (four systems, fresh caches, warm-up)
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
+      --budget 450 --out /tmp/q24 > /tmp/q24.txt 2>&1
+    cp /tmp/q24/results.md /tmp/q24/results.csv /tmp/q24/workers.log "$out/"
+    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q24/results.csv")):
+    print(r["system"], r["seq"], "load", r["load_splits"], "triton", r["first_step_triton"], "host", r["host_probe_ms"])
 PY
     ;;
   tests)
