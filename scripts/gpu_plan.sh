@@ -310,7 +310,7 @@ PY
     ;;
   twentyfourth)  # ~9 minutes: the Qwen table at the current code (four systems, fresh caches, warm-up)
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems ours unsloth hf liger --steps 6 \
-      --budget 450 --out /tmp/q24 > /tmp/q24.txt 2>&1
+      --budget 400 --out /tmp/q24 > /tmp/q24.txt 2>&1
     cp /tmp/q24/results.md /tmp/q24/results.csv /tmp/q24/workers.log "$out/"
     grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
     python - <<'PY'
