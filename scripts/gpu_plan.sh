@@ -21,6 +21,7 @@
 #   bash scripts/gpu_plan.sh twentysecond # Qwen 2048 ours: expandable segments deferred vs from import, 8 steps each
 #   bash scripts/gpu_plan.sh twentythird  # the Llama table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfourth # the Qwen table at the current code (four systems, 2048+8192)
+#   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary covered); order effect; pinned host buffers
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -317,6 +318,29 @@ PY
 import csv
 for r in csv.DictReader(open("/tmp/q24/results.csv")):
     print(r["system"], r["seq"], "load", r["load_splits"], "triton", r["first_step_triton"], "host", r["host_probe_ms"])
+PY
+    ;;
+  twentyfifth)  # ~9 minutes: (1) the precompile GPU test with the rotary kernel covered; (2) the order effect on
+    # load and first step: both table commands of the thirteenth session ran ours first, on a host twice as slow
+    # (host_probe_ms 9-15) as later in the same command; here the recipe goes first, then ours; (3) the pinned
+    # host buffers of the offloaded checkpoint (0.97 s of Llama's first step) through cudaHostRegister in 8
+    # threads instead of cudaHostAlloc, against the same allocator variable without it (both set from the start)
+    timeout 200 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 150 \
+      --out /tmp/q25o > /dev/null 2>&1
+    PYTORCH_ALLOC_CONF=expandable_segments:True python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 \
+      --systems ours --steps 4 --budget 70 --warmup off --out /tmp/q25a > /dev/null 2>&1
+    PYTORCH_ALLOC_CONF=expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+      python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
+      --warmup off --out /tmp/q25r > /dev/null 2>&1
+    for d in q25o q25a q25r; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
+    python - <<'PY'
+import csv
+for d in ("q25o", "q25a", "q25r"):
+    for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
+        print(d, r["system"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
+              "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"))
 PY
     ;;
   tests)
