@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["grouped_chunk_attention_forward"]
+__all__ = ["grouped_chunk_attention_forward", "rope_warmup_spec"]
 
 
 def grouped_chunk_attention_forward(
@@ -73,6 +73,22 @@ def grouped_chunk_attention_forward(
             part = attend(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx), len(starts), length)
             out = out.index_copy(0, idx, part.to(out.dtype))
     return self.proj(out.reshape(seq, -1))
+
+
+def rope_warmup_spec(module: nn.Module, dtype: str) -> dict[str, Any] | None:
+    """The rotary launch `grouped_chunk_attention_forward` makes on `module` (for `training/precompile.py`): q/k
+    are slices of the fused qkv projection (``[S, 3, H, D]``) in the activations' `dtype`; cos/sin are fp32 (the
+    towers' rotary tables stay fp32 whatever the model's dtype). None when `module` does not run it with the fused
+    rotary."""
+    forward = getattr(module.__dict__.get("forward"), "__func__", None)
+    if forward is not grouped_chunk_attention_forward or not module.__dict__.get("_hffv_rope"):
+        return None
+    heads, qkv = getattr(module, "num_heads", None), getattr(module, "qkv", None)
+    width = getattr(qkv, "out_features", None)
+    if not isinstance(heads, int) or not isinstance(width, int) or width % (3 * heads):
+        return None
+    return {"op": "rope", "layout": "qkv", "q_heads": heads, "kv_heads": heads, "head_dim": width // (3 * heads),
+            "dtype": dtype, "cos_dtype": "float32"}
 
 
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}

@@ -76,12 +76,10 @@ def _spec(module: nn.Module, kind: str | None, frozen: bool, act: torch.dtype,
         # transformers' rotary embeddings return cos/sin in the hidden states' dtype
         return {"op": "rope", "layout": "text", "q_heads": heads[0], "kv_heads": heads[1], "head_dim": heads[2],
                 "dtype": _name(act), "cos_dtype": _name(act)}
-    if kind == "vision_attention" and module.__dict__.get("_hffv_rope") and _grouped_chunk(module):
-        heads = int(module.num_heads)
-        head_dim = int(module.qkv.out_features) // (3 * heads)
-        # the Qwen-VL towers build cos/sin in fp32 (their rotary tables are fp32 whatever the model's dtype)
-        return {"op": "rope", "layout": "qkv", "q_heads": heads, "kv_heads": heads, "head_dim": head_dim,
-                "dtype": _name(act), "cos_dtype": "float32"}
+    if kind == "vision_attention":  # the tower's forward says what rotary launch it makes, if any
+        from hf_fastvision.archs._vision_attention import rope_warmup_spec
+
+        return rope_warmup_spec(module, _name(act))
     if kind == "fused_loss":
         head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
         w = getattr(head, "weight", None)
@@ -103,14 +101,6 @@ def _text_heads(module: nn.Module) -> tuple[int, int, int] | None:
     if any(w % head_dim for w in widths):
         return None
     return widths[0] // head_dim, widths[1] // head_dim, head_dim
-
-
-def _grouped_chunk(module: nn.Module) -> bool:
-    """Whether `module` runs the Qwen-VL vision forward (`archs/_vision_attention.py`), the one with fused rotary."""
-    from hf_fastvision.archs._vision_attention import grouped_chunk_attention_forward
-
-    forward = getattr(module.__dict__.get("forward"), "__func__", None)
-    return forward is grouped_chunk_attention_forward and hasattr(module, "qkv") and hasattr(module, "num_heads")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
