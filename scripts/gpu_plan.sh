@@ -324,7 +324,8 @@ PY
     # load and first step: both table commands of the thirteenth session ran ours first, on a host twice as slow
     # (host_probe_ms 9-15) as later in the same command; here the recipe goes first, then ours; (3) the pinned
     # host buffers of the offloaded checkpoint (0.97 s of Llama's first step) through cudaHostRegister in 8
-    # threads instead of cudaHostAlloc, against the same allocator variable without it (both set from the start)
+    # threads instead of cudaHostAlloc, against the same allocator variable without it (both set from the start);
+    # (4) below
     timeout 200 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 150 \
@@ -334,10 +335,13 @@ PY
     PYTORCH_ALLOC_CONF=expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
       python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
       --warmup off --out /tmp/q25r > /dev/null 2>&1
-    for d in q25o q25a q25r; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
+    # (4) ours' one load difference from the recipe's call: device_map "sequential" (accelerate's planner) vs {"": 0}
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
+      --warmup off --ours-device-map '{"": 0}' --out /tmp/q25d > /dev/null 2>&1
+    for d in q25o q25a q25r q25d; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
     python - <<'PY'
 import csv
-for d in ("q25o", "q25a", "q25r"):
+for d in ("q25o", "q25a", "q25r", "q25d"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"))
