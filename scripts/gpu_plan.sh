@@ -21,7 +21,7 @@
 #   bash scripts/gpu_plan.sh twentysecond # Qwen 2048 ours: expandable segments deferred vs from import, 8 steps each
 #   bash scripts/gpu_plan.sh twentythird  # the Llama table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfourth # the Qwen table at the current code (four systems, 2048+8192)
-#   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary covered); order effect; pinned host buffers
+#   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary); order effect; pinned buffers; device map; niced helper
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -325,7 +325,7 @@ PY
     # (host_probe_ms 9-15) as later in the same command; here the recipe goes first, then ours; (3) the pinned
     # host buffers of the offloaded checkpoint (0.97 s of Llama's first step) through cudaHostRegister in 8
     # threads instead of cudaHostAlloc, against the same allocator variable without it (both set from the start);
-    # (4) below
+    # (4), (5) below
     timeout 200 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 150 \
@@ -338,10 +338,13 @@ PY
     # (4) ours' one load difference from the recipe's call: device_map "sequential" (accelerate's planner) vs {"": 0}
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
       --warmup off --ours-device-map '{"": 0}' --out /tmp/q25d > /dev/null 2>&1
-    for d in q25o q25a q25r q25d; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
+    # (5) the precompile helper process, now niced (load 7.7-9.4 s and peft's injection 4.4-5.7 s in twentysecond)
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 80 \
+      --warmup off --ours-patches '{"precompile": "process"}' --out /tmp/q25p > /dev/null 2>&1
+    for d in q25o q25a q25r q25d q25p; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
     python - <<'PY'
 import csv
-for d in ("q25o", "q25a", "q25r", "q25d"):
+for d in ("q25o", "q25a", "q25r", "q25d", "q25p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"))

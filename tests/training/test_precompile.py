@@ -10,6 +10,7 @@ then compiles none of those kernels.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -108,12 +109,16 @@ def test_the_helper_process_runs_the_specs_without_importing_the_package(tiny_ch
     model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("gemma3"), load_in_16bit=True)
     specs = pc.job_specs(model, frozen=True)
     cmd = warmup.helper_command(0)
-    cmd[2] = ("try:\n    " + cmd[2] + "\nfinally:\n    import sys\n"
+    cmd[2] = ("try:\n    " + cmd[2] + "\nfinally:\n    import os, sys\n"
+              "    print(os.nice(0))\n"
               "    print(sorted(m for m in sys.modules if m.startswith('hf_fastvision')))")
     done = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print
+    *_, niceness, modules = done.stdout.strip().splitlines()
+    loaded = eval(modules)  # noqa: S307 - our own print
     assert "hf_fastvision.kernels" in loaded and "hf_fastvision.auto" not in loaded, loaded
+    if hasattr(os, "nice"):  # it yields the CPU to the training process
+        assert int(niceness) == min(19, os.nice(0) + warmup.NICENESS)
 
 
 def test_start_process_patches_the_meta_model_and_hands_over_frozen_specs(tiny_checkpoint, monkeypatch):
