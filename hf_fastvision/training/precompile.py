@@ -27,6 +27,8 @@ the kernel itself, as before.
   injection 4.4 and 5.7 s against 0.9-1.2 s, so load 7.7 and 9.4 s against 3.8-4.8 s (the recipe's: 5.4 s).
   The injection's slowdown is not from the GIL (a separate process): contention with the helper's CUDA work or
   its compiler subprocesses, not profiled. Off by default: it trades the load target for the first step's.
+  Since then the helper runs at niceness 10 (`kernels.warmup.NICENESS`), so the load's process gets the CPU
+  first; not measured yet.
 """
 
 from __future__ import annotations
