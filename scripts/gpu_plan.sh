@@ -328,7 +328,7 @@ PY
     # (4), (5) below
     timeout 200 python -m pytest -q tests/gpu/test_precompile_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
-    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 150 \
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 170 \
       --out /tmp/q25o > /dev/null 2>&1
     PYTORCH_ALLOC_CONF=expandable_segments:True python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 \
       --systems ours --steps 4 --budget 70 --warmup off --out /tmp/q25a > /dev/null 2>&1
