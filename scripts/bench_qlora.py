@@ -920,7 +920,8 @@ class GcClock:
 def host_probe_ms(repeats: int = 3) -> float:
     """Milliseconds of a fixed pure-Python loop, best of ``repeats``: how fast this host runs the Python that
     launches kernels. Host-bound steps (the recipe's, Unsloth's at 2048) move with it from machine to machine;
-    ours, replayed as CUDA graphs, barely do. Measured in each worker before and after its steps."""
+    ours, replayed as CUDA graphs, barely do. Measured in each worker before its load (``load``, outside the timed
+    load) and before and after its steps of each sequence length."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -1059,6 +1060,7 @@ def worker_main(args) -> int:
 
     # ---- load ----
     note = ""
+    probe_load = host_probe_ms()  # the host's speed as the load starts (outside the timed load)
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -1186,7 +1188,7 @@ def worker_main(args) -> int:
         step_s, median_of, status, err = steady_step(times, args.steps, status, err)
         row = {
             "seq": seq, "status": status, "error": err,
-            "host_probe_ms": {"before": probe_before, "after": host_probe_ms()},
+            "host_probe_ms": {"load": probe_load, "before": probe_before, "after": host_probe_ms()},
             "step_s": step_s, "tokens_per_s": (args.batch * seq / step_s) if step_s else None,
             "peak_gib": max(load_peak, steps_peak) if cuda else None, "steps_peak_gib": steps_peak,
             # CUDA graphs' private pools are reserved, not allocated, while they replay: compare this column too

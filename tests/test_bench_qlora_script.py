@@ -39,8 +39,8 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
         gc_s = ast.literal_eval(row["gc_s"])  # the cyclic collector's seconds in the load and in step 1
         assert set(gc_s) == {"load", "load_full", "step1", "step1_full"} and gc_s["load"] >= 0, gc_s
         assert len(row["losses"].split()) == 2
-        probe = ast.literal_eval(row["host_probe_ms"])  # the host's speed around the steps
-        assert set(probe) == {"before", "after"} and all(v > 0 for v in probe.values()), probe
+        probe = ast.literal_eval(row["host_probe_ms"])  # the host's speed as the load starts and around the steps
+        assert set(probe) == {"load", "before", "after"} and all(v > 0 for v in probe.values()), probe
     # ours' LoRA set-up timed by part; the recipe's phases one by one
     splits = ast.literal_eval(rows["ours"]["load_splits"])  # a dict's repr, as the CSV writes it
     assert set(splits) == {"targets", "peft", "lora_patches", "for_training"} and all(v >= 0 for v in splits.values())
