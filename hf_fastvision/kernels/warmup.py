@@ -3,7 +3,8 @@
 Imports only torch, triton and the kernel modules. Run as a file (`helper_command`: this file run as ``__main__``
 with the device index as argument, specs as JSON on stdin) it is the helper process of
 ``patches={"precompile": "process"}``: it loads this package without the rest of hf_fastvision (whose import takes
-seconds), compiles the specs in 4 threads into Triton's on-disk cache and exits.
+seconds), lowers its own CPU priority (`NICENESS`), compiles the specs in 4 threads into Triton's on-disk cache
+and exits.
 """
 
 from __future__ import annotations
