@@ -555,6 +555,7 @@ def run_worker(args, system: str, deadline: float, log_path: Path) -> list[dict[
         "--batch", str(args.batch), "--autocast", args.autocast, "--deadline", f"{deadline:.1f}",
         "--ours-patches", args.ours_patches, "--hf-upcast", args.hf_upcast,
         "--max-seq", str(max(args.seqs)), "--ours-device-map", args.ours_device_map,
+        "--ours-lora-init", args.ours_lora_init,
     ]
     timeout = max(5.0, deadline - time.time() + args.grace)
     t0 = time.perf_counter()
@@ -715,6 +716,7 @@ def parent_main(args) -> int:
         "model": args.model, "model_label": spec["label"], "layers": args.layers, "device_name": device_name,
         "versions": versions, "batch": args.batch, "steps": args.steps, "seqs": args.seqs,
         "systems": args.systems, "autocast": args.autocast, "hf_upcast": args.hf_upcast, "caches": args.caches,
+        "ours_patches": args.ours_patches, "ours_device_map": args.ours_device_map, "ours_lora_init": args.ours_lora_init,
         **info,
     }
     out = Path(args.out)
@@ -840,15 +842,17 @@ def _load_ours(folder: str, args, device: str):
 
     import hf_fastvision.patching as patching
     import hf_fastvision.training.lora as lora
+    import hf_fastvision.training.lora_init as lora_init
 
     # where ours' LoRA set-up goes (it took ~0.5 s longer than the recipe's on the H200, not on CPU): each part's
     # seconds, GPU-synced, in `load_splits`
     with _timed(lora, "lora_target_modules", "targets"), _timed(peft, "get_peft_model", "peft"), \
-            _timed(patching, "apply_lora_patches", "lora_patches"), _timed(lora, "for_training", "for_training"):
+            _timed(patching, "apply_lora_patches", "lora_patches"), _timed(lora, "for_training", "for_training"), \
+            _timed(lora_init, "_materialize", "lora_materialize"):
         model = FastVisionModel.get_peft_model(
             model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
             finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
-            random_state=SEED,
+            random_state=SEED, fast_lora_init=getattr(args, "ours_lora_init", "fast") == "fast",
         )
     _load_part("get_peft_model")
     return model
@@ -1222,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='our kernel patches: "true", "false" or JSON flags, e.g. \'{"fused_loss": false}\' (A/B runs)')
     p.add_argument("--ours-device-map", default='"sequential"',
                    help='JSON device_map for ours (A/B of the load time), e.g. \'{"": 0}\'')
+    p.add_argument("--ours-lora-init", choices=["fast", "peft"], default="fast",
+                   help="ours' LoRA set-up: meta-device injection + drawn-ahead weights (default), or peft's own path")
     p.add_argument("--autocast", choices=["on", "off"], default="on",
                    help="forward under bf16 autocast, as Trainer(bf16=True) does (off: plain loop; the hf recipe's "
                         "fp32-upcast norms then carry fp32 activations into attention)")

@@ -22,6 +22,7 @@
 #   bash scripts/gpu_plan.sh twentythird  # the Llama table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfourth # the Qwen table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary); order effect; pinned buffers; device map; niced helper
+#   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -348,6 +349,26 @@ for d in ("q25o", "q25a", "q25r", "q25d", "q25p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"))
+PY
+    ;;
+  twentysixth)  # ~8 minutes: the Qwen table with the fast LoRA set-up (default since this command; the recipe first),
+    # then ours at 2048 with the precompile helper process (its injection slowdown came from peft's 712 blocking
+    # copies while a second CUDA context works?) and with peft's own LoRA set-up, for the A/B
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems hf ours unsloth liger --steps 6 \
+      --budget 385 --out /tmp/q26 > /tmp/q26.txt 2>&1
+    cp /tmp/q26/results.md /tmp/q26/results.csv /tmp/q26/workers.log "$out/"
+    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
+      --warmup off --ours-patches '{"precompile": "process"}' --out /tmp/q26p > /dev/null 2>&1
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours --steps 4 --budget 70 \
+      --warmup off --ours-lora-init peft --out /tmp/q26i > /dev/null 2>&1
+    for d in q26p q26i; do cp /tmp/$d/results.csv "$out/$d.csv"; grep "| Qwen" /tmp/$d/results.md | cut -c1-120; done
+    python - <<'PY'
+import csv
+for d in ("q26", "q26p", "q26i"):
+    for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
+        print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
+              "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
     ;;
   tests)

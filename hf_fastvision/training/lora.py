@@ -87,12 +87,15 @@ def get_peft_model(
     use_rslora: bool = False,
     random_state: int = 3407,
     use_gradient_checkpointing: Any = None,
+    fast_lora_init: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Wrap `model` with LoRA adapters on the layers the flags select (or `target_modules`, which overrides).
 
     `use_gradient_checkpointing`: "unsloth" (offloaded to CPU), True (plain), False; None keeps the value given
-    at load. Extra kwargs go to `peft.LoraConfig`.
+    at load. `fast_lora_init`: peft's injection on the meta device with the same starting weights drawn in a
+    second thread (`training/lora_init.py`); configurations it does not model take peft's own path. Extra kwargs go
+    to `peft.LoraConfig`.
     """
     from peft import LoraConfig
     from peft import get_peft_model as peft_get_peft_model
@@ -134,9 +137,16 @@ def get_peft_model(
     mode = use_gradient_checkpointing if use_gradient_checkpointing is not None else getattr(
         model, "_hf_fastvision_checkpointing", "unsloth"
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(random_state)
-        peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=True)
+    from hf_fastvision.training import lora_init
+
+    why_not = lora_init.supported(model, config) if fast_lora_init else "fast_lora_init=False"
+    if why_not is None:
+        peft_model = lora_init.inject(model, config, seed=random_state)
+    else:
+        logger.debug("LoRA set-up through peft's own path: %s", why_not)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_state)
+            peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # LoRA trains in fp32

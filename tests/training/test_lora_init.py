@@ -1,0 +1,102 @@
+"""The fast LoRA set-up (`training/lora_init.py`) gives every adapter the very tensors peft's own path gives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from hf_fastvision import FastVisionModel
+from hf_fastvision.archs.tiny import NAMED_TINY_TYPES
+from hf_fastvision.training import lora_init
+
+
+def _adapters(peft_model):
+    return {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+def _both(folder, **kwargs):
+    out, load = [], kwargs.pop("load", {})
+    for fast in (False, True):
+        model, _ = FastVisionModel.from_pretrained(str(folder), **load)
+        out.append(FastVisionModel.get_peft_model(model, fast_lora_init=fast, **kwargs))
+    return out
+
+
+def _assert_same(ref, fast):
+    a, b = _adapters(ref), _adapters(fast)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        x, y = a[name], b[name]
+        assert (x.dtype, x.device, x.shape, x.requires_grad) == (y.dtype, y.device, y.shape, y.requires_grad), name
+        assert torch.equal(x, y), name
+    assert any(p.abs().sum() > 0 for n, p in a.items() if "lora_A" in n)  # not all zeros: A really is drawn
+    assert all(not p.any() for n, p in a.items() if "lora_B" in n)
+    # nothing else changed either: frozen weights, trainable flags, the peft config
+    ref_frozen = {n: p for n, p in ref.named_parameters() if "lora_" not in n}
+    fast_frozen = {n: p for n, p in fast.named_parameters() if "lora_" not in n}
+    assert ref_frozen.keys() == fast_frozen.keys()
+    assert all(not p.requires_grad for p in fast_frozen.values())
+    assert ref.peft_config["default"].to_dict() == fast.peft_config["default"].to_dict()
+
+
+@pytest.mark.parametrize("name", NAMED_TINY_TYPES)
+def test_same_adapters_as_peft_4bit(name, tiny_checkpoint):
+    ref, fast = _both(tiny_checkpoint(name), r=8, lora_alpha=16, random_state=1234)
+    _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "mllama"])
+def test_same_adapters_as_peft_16bit_and_rslora(name, tiny_checkpoint):
+    # 16-bit base layers: peft casts each adapter to the base weight's dtype, then upcasts it to fp32
+    ref, fast = _both(tiny_checkpoint(name), load={"load_in_16bit": True, "dtype": torch.bfloat16}, r=4,
+                      lora_alpha=8, use_rslora=True, random_state=7)
+    _assert_same(ref, fast)
+
+
+def test_global_generator_untouched_and_seed_matters(tiny_checkpoint):
+    folder = tiny_checkpoint("qwen2_vl")
+    torch.manual_seed(99)
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    model, _ = FastVisionModel.from_pretrained(str(folder))
+    fast = FastVisionModel.get_peft_model(model, r=8, random_state=1)
+    assert torch.equal(torch.rand(3), expected)  # the set-up drew from its own generator
+    model2, _ = FastVisionModel.from_pretrained(str(folder))
+    other = FastVisionModel.get_peft_model(model2, r=8, random_state=2)
+    a1 = [p for n, p in fast.named_parameters() if "lora_A" in n][0]
+    a2 = [p for n, p in other.named_parameters() if "lora_A" in n][0]
+    assert not torch.equal(a1, a2)
+
+
+def test_unsupported_configs_take_peft_path(tiny_checkpoint):
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
+    assert lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"])) is None
+    assert "use_dora" in lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"], use_dora=True))
+    assert "init_lora_weights" in lora_init.supported(
+        model, LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    assert "bias" in lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"], bias="all"))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert "default dtype" in lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"]))
+    finally:
+        torch.set_default_dtype(previous)
+    # through get_peft_model: DoRA (needs the base weights) still works, via peft's own path
+    peft_model = FastVisionModel.get_peft_model(model, r=4, use_dora=True)
+    assert all(p.device.type != "meta" for p in peft_model.parameters())
+
+
+def test_draws_match_peft_layer_init():
+    # the stream alignment on its own: peft's LoRA Linear creation order, reproduced by draw_lora_a
+    from peft.tuners.lora import Linear as LoraLinear
+
+    shapes = [(24, 40), (40, 24), (7, 5)]
+    bases = [torch.nn.Linear(i, o) for i, o in shapes]  # built before seeding: their own init draws too
+    torch.manual_seed(5)
+    expected = []
+    for base in bases:
+        layer = LoraLinear(base, "default", config=LoraConfig(r=4, lora_alpha=4), r=4, lora_alpha=4)
+        expected.append(layer.lora_A["default"].weight.detach().flatten())
+    got = lora_init.draw_lora_a(shapes, r=4, seed=5)
+    assert torch.equal(got, torch.cat(expected))
