@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -879,6 +880,7 @@ class _timed:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
+        @functools.wraps(real)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             sync()
             t0 = time.perf_counter()

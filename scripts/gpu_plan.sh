@@ -23,6 +23,7 @@
 #   bash scripts/gpu_plan.sh twentyfourth # the Qwen table at the current code (four systems, 2048+8192)
 #   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary); order effect; pinned buffers; device map; niced helper
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
+#   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -366,6 +367,24 @@ PY
     python - <<'PY'
 import csv
 for d in ("q26", "q26p", "q26i"):
+    for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
+        print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
+              "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  twentyseventh)  # ~9 minutes: the Llama table, the recipe first, with the fast LoRA set-up really on (in twentysixth
+    # the bench's timing wrapper hid peft's low_cpu_mem_usage argument, so ours took peft's path), then ours at 2048
+    # with the precompile helper process
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems hf ours liger unsloth \
+      --steps 6 --budget 450 --out /tmp/l27 > /tmp/l27.txt 2>&1
+    cp /tmp/l27/results.md /tmp/l27/results.csv /tmp/l27/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 --systems ours --steps 4 --budget 75 \
+      --warmup off --ours-patches '{"precompile": "process"}' --out /tmp/l27p > /dev/null 2>&1
+    cp /tmp/l27p/results.csv "$out/l27p.csv"; grep "| Llama" /tmp/l27p/results.md | cut -c1-120
+    python - <<'PY'
+import csv
+for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])

@@ -44,12 +44,12 @@ def supported(model: nn.Module, config: Any) -> str | None:
     try:
         import inspect
 
-        from peft import get_peft_model
         from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import check_target_module_exists
+        from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
     except ImportError as exc:  # pragma: no cover - peft is a dependency
         return f"peft import failed ({exc})"
-    if "low_cpu_mem_usage" not in inspect.signature(get_peft_model).parameters:
+    # the tuner's own signature: `peft.get_peft_model` itself may be wrapped (a profiler, a timer)
+    if "low_cpu_mem_usage" not in inspect.signature(BaseTuner.inject_adapter).parameters:
         return "this peft has no low_cpu_mem_usage injection"
     if not hasattr(LoraLayer, "_get_base_layer_device_and_dtype") or check_target_module_exists is None:
         return "this peft lacks the layer helpers used here"

@@ -100,3 +100,18 @@ def test_draws_match_peft_layer_init():
         expected.append(layer.lora_A["default"].weight.detach().flatten())
     got = lora_init.draw_lora_a(shapes, r=4, seed=5)
     assert torch.equal(got, torch.cat(expected))
+
+
+def test_fast_path_taken_when_peft_get_peft_model_is_wrapped(tiny_checkpoint, monkeypatch):
+    # a timer or profiler around peft.get_peft_model (as bench_qlora's load splits do) must not switch it off
+    import peft
+
+    real = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: real(*a, **k))
+    calls = []
+    real_materialize = lora_init._materialize
+    monkeypatch.setattr(lora_init, "_materialize", lambda *a, **k: calls.append(1) or real_materialize(*a, **k))
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
+    assert lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"])) is None
+    FastVisionModel.get_peft_model(model, r=8)
+    assert calls == [1]
