@@ -109,13 +109,16 @@ class PatchOptions:
     chunk in its backward (`training/lean_mlp.py`): one matmul less per layer and a smaller peak. An int sets the
     tokens per chunk instead. Measured (H200, seq 2048/8192): Qwen2.5-VL-7B 0.289 -> 0.265 s and 0.872 -> 0.838 s
     per step, Llama-3.2-11B-Vision 0.597 -> 0.579 s and 1.405 -> 1.364 s, peaks equal or lower."""
-    precompile: bool | str = False
-    """Opt-in: compile the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, the loss) before the first step needs them
-    (`training/precompile.py`). ``True``: in threads started by `get_peft_model` before peft's injection (H200,
-    Qwen2.5-VL-7B at 2048: first step 13.4 -> 9.7 s, load 5.6 -> 7.9 s, as the compiles hold the GIL beside the
-    injection; load + first step 19.0 -> 17.6 s). ``"process"``: in a helper process started as the load begins,
-    into Triton's disk cache (no GIL shared; a second CUDA context for a few seconds; not measured yet). Off by
-    default while the load is the target it would miss."""
+    precompile: bool | str = "process"
+    """Compile the bound Triton kernels (RMSNorm, SwiGLU/GeGLU, rotary, the loss) before the first step needs them
+    (`training/precompile.py`). ``"process"`` (default): a helper process, started as the weights begin to load,
+    compiles them into Triton's disk cache (no GIL shared; a second CUDA context for a few seconds; skipped with
+    less than 2 GiB free on the device). H200, fresh caches (`scripts/results/h200_2026-12-02v_twentyseventh/`,
+    Llama-3.2-11B-Vision at 2048): first step 7.4 s against 11.3 s without it, load 4.7 s against 5.4 s (peft's
+    injection 0.77 against 0.83 s). Before the LoRA set-up moved to the meta device (`training/lora_init.py`)
+    the helper slowed peft's 700-1,000 blocking host-to-device copies by 1.3-4 s, which kept it opt-in.
+    ``True``: in threads started by `get_peft_model` before peft's injection (the compiles hold the GIL beside
+    the injection). ``False``: the first step compiles them."""
     cuda_graphs_capture: str = "first_backward"
     """When a layer's graphs are captured: ``"first_backward"`` (in the backward of its first call, where the
     optimizer has no state yet and the forward's working set is gone) or ``"second_forward"`` (in its second

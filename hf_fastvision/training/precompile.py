@@ -1,5 +1,5 @@
-"""Compile the patched model's Triton kernels before the first step needs them (opt-in, ``patches={"precompile":
-True}`` or ``"process"``).
+"""Compile the patched model's Triton kernels before the first step needs them (``patches={"precompile": ...}``:
+``"process"``, the default, or ``True``; ``False`` turns it off).
 
 Why: with empty caches a QLoRA model's first step compiles ~11 Triton specializations (RMSNorm, SwiGLU/GeGLU,
 RoPE and the loss kernel, forward and backward, per hidden width or head layout): 2.1-2.4 s of an H200 first step
@@ -25,10 +25,14 @@ the kernel itself, as before.
   seconds. Measured on an H200 (Qwen2.5-VL-7B at 2048, two runs, `scripts/results/h200_2026-12-02q_twentysecond/`,
   before the rotary kernel joined the specs): step 1 7.9 and 8.6 s against 12.0-12.8 s without it, but peft's
   injection 4.4 and 5.7 s against 0.9-1.2 s, so load 7.7 and 9.4 s against 3.8-4.8 s (the recipe's: 5.4 s).
-  The injection's slowdown is not from the GIL (a separate process): contention with the helper's CUDA work or
-  its compiler subprocesses, not profiled. Off by default: it trades the load target for the first step's.
-  Since then the helper runs at niceness 10 (`kernels.warmup.NICENESS`), so the load's process gets the CPU
-  first; not measured yet.
+  The injection's slowdown was not the GIL (a separate process) nor the CPU (the helper at niceness 10 changed
+  nothing: 2.55 s, `h200_2026-12-02t_twentyfifth/`). The likely cause (not profiled): peft moves each adapter
+  to the GPU in its own blocking copy (712 on Qwen, 1,040 on Llama), each waiting on a device the helper's
+  context shares. Since the LoRA set-up
+  injects on the meta device and copies the adapters in one transfer (`training/lora_init.py`) the helper costs
+  the injection nothing (Llama-3.2-11B-Vision at 2048, `h200_2026-12-02v_twentyseventh/`: peft 0.77 s against
+  0.83 s without the helper; first step 7.4 s against 11.3 s; load 4.7 s against 5.4 s), so it is the default.
+  Skipped with under 2 GiB free on the device (`MIN_FREE_BYTES`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = ["job_specs", "precompile", "precompile_if_enabled", "start_process", 
 logger = logging.getLogger(__name__)
 
 _DONE = "_hffv_precompiled"  # per model: the specs already started
+MIN_FREE_BYTES = 2 << 30  # the helper's CUDA context and its dummy tensors stay well under this
 _PENDING: list[Future] = []
 _PROCESSES: list[subprocess.Popen] = []
 _LOCK = threading.Lock()
@@ -189,6 +194,12 @@ def start_process(meta: nn.Module, spec: Any, options: Any, device: torch.device
 
     if not (HAS_TRITON and device.type == "cuda"):
         return None
+    try:  # a second CUDA context needs ~0.5 GiB: not on a nearly full device
+        if torch.cuda.mem_get_info(device)[0] < MIN_FREE_BYTES:
+            logger.debug("precompile: under %d bytes free on %s, no helper process", MIN_FREE_BYTES, device)
+            return None
+    except Exception:  # no answer (no CUDA here): try anyway, a failed start only means no helper
+        pass
     try:
         apply_patches(meta, spec, options)
         specs = job_specs(meta, frozen=True, dtype=dtype)

@@ -161,6 +161,11 @@ def test_start_process_patches_the_meta_model_and_hands_over_frozen_specs(tiny_c
     assert {s["dtype"] for s in started["specs"]} == {"bfloat16"}
     assert {s["weight_dtype"] for s in started["specs"] if "weight_dtype" in s} == {"bfloat16"}
     assert pc.start_process(meta, arch_for(config, folder), pc_options(), torch.device("cpu"), torch.bfloat16) is None
+    # a nearly full device gets no second CUDA context
+    started.clear()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (pc.MIN_FREE_BYTES - 1, 80 << 30))
+    assert pc.start_process(meta, arch_for(config, folder), pc_options(), torch.device("cuda", 1), torch.bfloat16) is None
+    assert "cmd" not in started
     pc._PROCESSES.clear()
 
 
