@@ -24,6 +24,7 @@
 #   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary); order effect; pinned buffers; device map; niced helper
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
+#   bash scripts/gpu_plan.sh twentyeighth # Qwen 2048: the recipe, then ours with the new defaults (fast init + helper)
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -388,6 +389,19 @@ for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  twentyeighth)  # ~3 minutes: Qwen 2048, the recipe then ours at this session's defaults (meta-device LoRA set-up,
+    # the precompile helper process): load and first step in one command
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 165 \
+      --out /tmp/q28 > /tmp/q28.txt 2>&1
+    cp /tmp/q28/results.md /tmp/q28/results.csv /tmp/q28/workers.log "$out/"
+    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q28/results.csv")):
+    print(r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
+          "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"))
 PY
     ;;
   tests)
