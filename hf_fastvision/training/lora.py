@@ -140,10 +140,9 @@ def get_peft_model(
     from hf_fastvision.training import lora_init
 
     why_not = lora_init.supported(model, config) if fast_lora_init else "fast_lora_init=False"
-    if why_not is None:
-        peft_model = lora_init.inject(model, config, seed=random_state)
-    else:
-        logger.debug("LoRA set-up through peft's own path: %s", why_not)
+    peft_model = lora_init.inject(model, config, seed=random_state) if why_not is None else None
+    if peft_model is None:
+        logger.debug("LoRA set-up through peft's own path: %s", why_not or "a target is not a linear layer")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=True)

@@ -113,15 +113,16 @@ class _Drawer(threading.Thread):
             self.error = exc
 
 
-def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "default") -> Any:
+def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "default") -> Any | None:
     """``peft.get_peft_model(model, config, autocast_adapter_dtype=True)`` run after ``torch.manual_seed(seed)``,
-    with the same adapter weights; the caller checks `supported` first."""
+    with the same adapter weights; the caller checks `supported` first. None, with ``model`` untouched, where a
+    target is not a linear layer (peft's path then applies)."""
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
     plan = _plan(model, config)
     if plan is None:
-        raise ValueError("a LoRA target is not a linear layer; use peft's path")
+        return None
     drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed)
     drawer.start()  # the draws overlap peft's module surgery below
     peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True,

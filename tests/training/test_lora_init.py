@@ -115,3 +115,15 @@ def test_fast_path_taken_when_peft_get_peft_model_is_wrapped(tiny_checkpoint, mo
     assert lora_init.supported(model, LoraConfig(r=8, target_modules=["q_proj"])) is None
     FastVisionModel.get_peft_model(model, r=8)
     assert calls == [1]
+
+
+def test_non_linear_target_takes_peft_path_with_same_result(tiny_checkpoint):
+    # Qwen2-VL's patch embedding is a Conv3d: peft wraps it with a conv LoRA the fast path does not model
+    folder = tiny_checkpoint("qwen2_vl")
+    targets = ["q_proj", "v_proj", "visual.patch_embed.proj"]
+    model, _ = FastVisionModel.from_pretrained(str(folder))
+    assert lora_init.inject(model, LoraConfig(r=4, target_modules=targets), seed=0) is None
+    assert not hasattr(model, "peft_config") and not any("lora_" in n for n, _ in model.named_parameters())
+    ref, fast = _both(folder, r=4, target_modules=targets, random_state=3)
+    assert any("patch_embed.proj.lora_A" in n for n, _ in fast.named_parameters())
+    _assert_same(ref, fast)
