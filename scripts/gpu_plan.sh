@@ -24,7 +24,7 @@
 #   bash scripts/gpu_plan.sh twentyfifth  # precompile GPU test (rotary); order effect; pinned buffers; device map; niced helper
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
-#   bash scripts/gpu_plan.sh twentyeighth # Qwen 2048: the recipe, then ours with the new defaults (fast init + helper)
+#   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -392,7 +392,9 @@ for d in ("l27", "l27p"):
 PY
     ;;
   twentyeighth)  # ~3 minutes: Qwen 2048, the recipe then ours at this session's defaults (meta-device LoRA set-up,
-    # the precompile helper process): load and first step in one command
+    # the precompile helper process): load and first step in one command; first the fast LoRA set-up's GPU test
+    timeout 90 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
     python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 4 --budget 165 \
       --out /tmp/q28 > /tmp/q28.txt 2>&1
     cp /tmp/q28/results.md /tmp/q28/results.csv /tmp/q28/workers.log "$out/"
