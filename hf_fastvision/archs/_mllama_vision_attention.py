@@ -42,11 +42,12 @@ from hf_fastvision.archs._autocast_narrowing import autocast_dtype, narrows_to
 
 __all__ = ["split_vision_attention_forward", "split_attention", "permuted_split_attention", "real_first",
            "varlen_reference", "vision_mask", "compact_vision_mask", "expand_vision_mask", "is_compact_vision_mask",
-           "dense_split_attention", "with_real_counts", "permute_rows"]
+           "dense_split_attention", "with_real_counts", "permute_rows", "real_first_mask", "REAL_FIRST"]
 
 logger = logging.getLogger(__name__)
 _CHECKED = "_hffv_split_mask_ok"
 _VARLEN_ONLY = "_hffv_split_varlen"  # set by the patch for `vision_attention_split` / `cross_attention_split="varlen"`
+REAL_FIRST = "real_first"  # tags a compact mask whose rows (and the hidden states') are already real-first
 
 
 def vision_mask(valid_tiles: list[int], tiles: int, patches: int, padded: int, dtype=torch.float32, device=None):
@@ -229,16 +230,25 @@ def with_real_counts(compact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return compact, (compact == 0).sum(-1, dtype=torch.int32)
 
 
-def _unpack_compact(mask: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(compact, counts)`` of a compact mask (`compact_vision_mask`, alone or `with_real_counts`), else Nones."""
-    counts = None
+def real_first_mask(compact: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The mask form for rows the encoder already put in `real_first` order (`_mllama_vision_encoder`): the
+    compact mask (in that order) and the counts, tagged so the layers skip their own permutation."""
+    return compact, counts, REAL_FIRST
+
+
+def _unpack_compact(mask: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """``(compact, counts, rows_real_first)`` of a compact mask (`compact_vision_mask`, alone, `with_real_counts`
+    or `real_first_mask`), else ``(None, None, False)``."""
+    counts, ordered = None, False
+    if isinstance(mask, tuple) and len(mask) == 3 and mask[2] == REAL_FIRST:
+        mask, ordered = mask[:2], True
     if isinstance(mask, tuple) and len(mask) == 2 and isinstance(mask[1], torch.Tensor):
         mask, counts = mask
         if counts.is_floating_point() or counts.dim() != 1:
-            return None, None
+            return None, None, False
     if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dim() == 2:
-        return mask, counts
-    return None, None
+        return mask, counts, ordered
+    return None, None, False
 
 
 def is_compact_vision_mask(mask: Any) -> bool:
@@ -261,7 +271,7 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     its compact form (`compact_vision_mask`)."""
     from hf_fastvision.patching import original_forward
 
-    compact, counts = _unpack_compact(attention_mask)
+    compact, counts, ordered = _unpack_compact(attention_mask)
 
     def stock():
         mask = expand_vision_mask(compact) if compact is not None else attention_mask
@@ -300,9 +310,10 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         return stock()
     shape = (batch, length, self.num_heads, self.head_dim)
     projections = (self.q_proj, self.k_proj, self.v_proj)
-    # the rows real-first once, before the projections (row-wise, so they commute), instead of q, k and v after
-    perm, inv = real_first(real)
-    x = permute_rows(hidden_states, perm, inv)
+    # the rows real-first once, before the projections (row-wise, so they commute), instead of q, k and v after;
+    # rows the encoder already ordered (`real_first_mask`) stay as they are
+    perm, inv = (None, None) if ordered else real_first(real)
+    x = hidden_states if ordered else permute_rows(hidden_states, perm, inv)
     if x.dtype == torch.float32 and dtype != torch.float32 and all(  # i.e. under 16-bit autocast
         narrows_to(p, dtype, x) for p in projections
     ):
@@ -315,5 +326,5 @@ def split_vision_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     q, k, v = (t.to(dtype) for t in (q, k, v))  # what SDPA's autocast rule does (varlen_attn has none)
     n_real = None if self.__dict__.get(_VARLEN_ONLY) else _uniform_count(counts, batch)
     out = permuted_split_attention(q, k, v, real, self.scaling, varlen, n_real)  # [batch, L, heads, dim]
-    out = permute_rows(out, inv, perm).reshape(batch, length, -1)
+    out = (out if ordered else permute_rows(out, inv, perm)).reshape(batch, length, -1)
     return self.o_proj(out), None

@@ -196,3 +196,33 @@ def test_permute_rows_equals_take_along_dim_with_gradients(contiguous):
     ref.backward(grad)
     got.backward(grad)
     assert torch.equal(x_new.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("flag", [True, "varlen"])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_rows_already_real_first_give_the_permuted_stock_output(tiny_checkpoint, monkeypatch, flag, fallback):
+    """The encoder orders the rows once (`real_first_mask`): a layer then skips its own permutation, and its split
+    and stock paths both give the stock output of the stock row order, permuted the same way."""
+    import hf_fastvision.archs._mllama_vision_attention as va
+
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint("mllama"), load_in_16bit=True, dtype=torch.float32,
+                                                patches={"vision_attention_split": flag})
+    attn = _attention_modules(model)[0]
+    mask, real = vision_mask([1, 3], tiles=4, patches=5, padded=2)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, mask.shape[-1], attn.q_proj.in_features, requires_grad=True)
+    compact, counts = va.with_real_counts(va.compact_vision_mask(mask))
+    perm, inv = va.real_first(real)
+    ordered = va.real_first_mask(torch.take_along_dim(compact, perm, dim=-1), counts)
+    calls = []
+    monkeypatch.setattr(va, "real_first", lambda *a: calls.append("sort") or pytest.fail("the layer sorted"))
+    if fallback:  # e.g. fp32 on CUDA: the stock forward on the ordered rows, with the ordered mask expanded
+        monkeypatch.setattr(va, "_attention_dtype", lambda t: None)
+    expected = type(attn).forward(attn, hidden, attention_mask=mask)[0]
+    got = attn(torch.take_along_dim(hidden, perm[:, :, None], dim=1), attention_mask=ordered)[0]
+    torch.testing.assert_close(got, torch.take_along_dim(expected, perm[:, :, None], dim=1), rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(got)
+    (g_got,) = torch.autograd.grad(got, hidden, grad)
+    (g_ref,) = torch.autograd.grad(expected, hidden, torch.take_along_dim(grad, inv[:, :, None], dim=1))
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+    assert calls == []

@@ -141,8 +141,12 @@ def _masks_seen_by_layers(model) -> list:
 
     def form(mask):  # the mask's rank, or for the compact form its rank and the counts of real patches
         if isinstance(mask, tuple):
-            compact, counts = mask
-            assert torch.equal(counts, (compact == 0).sum(-1).to(counts.dtype)) and counts.dtype == torch.int32
+            compact, counts, tag = mask
+            assert tag == "real_first" and counts.dtype == torch.int32
+            assert torch.equal(counts, (compact == 0).sum(-1).to(counts.dtype))
+            # the rows arrive real-first: each image's real patches are a prefix
+            prefix = torch.arange(compact.shape[-1])[None, :] < counts[:, None]
+            assert torch.equal(compact == 0, prefix)
             return compact.dim(), tuple(counts.tolist())
         return mask.dim()
 
