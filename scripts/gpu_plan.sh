@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh twentyninth  # nf4 dequantization kernel (bits, speed); Llama ours with it and with bitsandbytes'
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
 #   bash scripts/gpu_plan.sh nineteenth # allocator+precompile GPU tests; Qwen 2048 ours: helper process, default, ES deferred; hf
@@ -390,6 +391,22 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  twentyninth)  # ~4 minutes: the nf4 dequantization kernel on CUDA (the same bits as bitsandbytes, and its speed),
+    # the Mllama split GPU test (the encoder now orders the rows real-first once), then ours alone on the Llama table
+    # shapes with the kernel, and again with bitsandbytes' dequantization (both with the encoder change)
+    timeout 150 python -m pytest -q tests/kernels/test_nf4_dequantize.py tests/kernels/test_lora_linear_4bit.py \
+      tests/gpu/test_mllama_split_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    timeout 120 python scripts/bench_nf4_dequantize.py --out "$out" 2>&1 | tail -11
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems ours --steps 6 --budget 150 \
+      --out /tmp/l29 > /tmp/l29.txt 2>&1
+    cp /tmp/l29/results.md "$out/results.md"; cp /tmp/l29/workers.log "$out/workers.log"
+    grep "| Llama" /tmp/l29/results.md | cut -c1-200
+    HF_FASTVISION_NF4_DEQUANTIZE=bitsandbytes python scripts/bench_qlora.py --model llama32_11b_vision \
+      --seqs 2048 8192 --systems ours --steps 6 --budget 120 --warmup off --out /tmp/l29b > /tmp/l29b.txt 2>&1
+    cp /tmp/l29b/results.md "$out/results_bnb_dequant.md"
+    grep "| Llama" /tmp/l29b/results.md | cut -c1-200
     ;;
   twentyeighth)  # ~3 minutes: Qwen 2048, the recipe then ours at this session's defaults (meta-device LoRA set-up,
     # the precompile helper process): load and first step in one command; first the fast LoRA set-up's GPU test

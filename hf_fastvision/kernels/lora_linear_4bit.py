@@ -17,16 +17,24 @@ fp32 weights are cast to it and their gradients come back in fp32. The output ha
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["LoRALinear4bitFunction", "lora_linear_4bit", "lora_linear_4bit_grads", "lora_linear_4bit_ref", "dequantize"]
 
 
 def dequantize(weight: torch.Tensor, quant_state) -> torch.Tensor:
-    """The ``[out, in]`` weight of a bitsandbytes ``Params4bit`` in its compute dtype."""
-    import bitsandbytes.functional as bnbf
+    """The ``[out, in]`` weight of a bitsandbytes ``Params4bit`` in its compute dtype: bitsandbytes' values, from
+    one Triton kernel where it takes the layout (`nf4_dequantize`; ``HF_FASTVISION_NF4_DEQUANTIZE=bitsandbytes``
+    calls bitsandbytes itself)."""
+    if os.environ.get("HF_FASTVISION_NF4_DEQUANTIZE", "").lower() in ("bitsandbytes", "bnb", "0", "off"):
+        import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
+    from hf_fastvision.kernels import nf4_dequantize
+
+    return nf4_dequantize.nf4_dequantize(weight.data, quant_state)
 
 
 def lora_linear_4bit_ref(x, weight, quant_state, lora_a, lora_b, scaling: float, bias=None):
