@@ -25,6 +25,8 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtieth    # the Llama table (all four systems, 2048+8192) at today's defaults
+#   bash scripts/gpu_plan.sh thirtyfirst  # LoRA set-up GPU test, then the Qwen table at today's defaults
 #   bash scripts/gpu_plan.sh twentyninth  # nf4 dequantization kernel (bits, speed); Llama ours with it and with bitsandbytes'
 #   bash scripts/gpu_plan.sh twentyfirst # allocator and precompile GPU tests
 #   bash scripts/gpu_plan.sh twentieth  # Llama 2048: ours+hf bench (ES deferred), ours' cold first step sampled, load cProfile
@@ -390,6 +392,32 @@ for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  thirtieth)  # ~9 minutes: the Llama table at today's defaults (nf4 dequantization kernel, real-first vision rows,
+    # chunked unit draws for the LoRA set-up), all four systems, the recipe first
+    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems hf ours liger unsloth \
+      --steps 6 --budget 470 --out /tmp/l30 > /tmp/l30.txt 2>&1
+    cp /tmp/l30/results.md /tmp/l30/results.csv /tmp/l30/workers.log "$out/"
+    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/l30/results.csv")):
+    print(r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"])
+PY
+    ;;
+  thirtyfirst)  # ~9 minutes: the LoRA set-up's GPU test (unit numbers scaled on the GPU), then the Qwen table at
+    # today's defaults, all four systems, the recipe first
+    timeout 90 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems hf ours liger unsloth \
+      --steps 6 --budget 440 --out /tmp/q31 > /tmp/q31.txt 2>&1
+    cp /tmp/q31/results.md /tmp/q31/results.csv /tmp/q31/workers.log "$out/"
+    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q31/results.csv")):
+    print(r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"])
 PY
     ;;
   twentyninth)  # ~4 minutes: the nf4 dequantization kernel on CUDA (the same bits as bitsandbytes, and its speed),

@@ -6,10 +6,13 @@ three draws and two blocking host-to-device copies per layer, 1,040 copies for L
 all on the load's critical path (peft's injection took 1.0-2.3 s of that model's load on the H200 host).
 
 Here peft injects on the meta device (its ``low_cpu_mem_usage=True``: the same modules, no tensors), while a
-second thread draws the same numbers from a private generator seeded like peft's global one (the two draws peft
-throws away are drawn too, into a scratch buffer, so the stream stays aligned), then every A reaches its device in
-one copy and every B is allocated there as zeros. The user's global generator is never touched (peft's path, as
-`get_peft_model` calls it, forks it).
+second thread draws the same random stream from a private generator seeded like peft's global one, in one
+``uniform_(0, 1)`` call (the two draws peft throws away are drawn too, so the stream stays aligned; `draw_units`):
+two GIL-free torch calls, so the thread hardly competes with the injection for the GIL (drawing layer by layer,
+three Python-level initialisations per layer, it slowed the injection by ~40% and still made it wait). The unit
+numbers reach each device in one copy, where each layer's A is scaled from them with the CPU kernel's float
+rounding (`scale_units`, checked once against the reference draw: `unit_rounding`), and every B is allocated
+there as zeros. The user's global generator is never touched (peft's path, as `get_peft_model` calls it, forks it).
 
 Same numbers, dtypes, devices and trainable flags as peft's path: `tests/training/test_lora_init.py` compares every
 adapter tensor bit for bit. Anything this does not model takes peft's path instead (`supported` says why): a
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["supported", "inject", "draw_lora_a"]
+__all__ = ["supported", "inject", "draw_lora_a", "draw_lora_a_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +87,15 @@ def _plan(model: nn.Module, config: Any) -> list[tuple[str, int, int]] | None:
     return plan
 
 
-def draw_lora_a(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tensor:
+def _kaiming_bound(fan_in: int) -> float:
+    """``nn.init.kaiming_uniform_(w, a=sqrt(5))``'s bound for a weight of ``fan_in`` inputs, computed as it does."""
+    return math.sqrt(3.0) * (nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in))
+
+
+def draw_lora_a_reference(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tensor:
     """peft's A matrices for layers of (in, out) ``shapes``, flat and in order, as its path draws them after
     ``torch.manual_seed(seed)``: per layer ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (discarded), then
-    kaiming-uniform A."""
+    kaiming-uniform A. Three ``uniform_`` calls per layer: the definition `draw_lora_a` is checked against."""
     gen = torch.Generator().manual_seed(seed)
     flat = torch.empty(sum(r * i for i, _ in shapes), dtype=torch.float32)
     scratch = torch.empty(max((max(r * i, o * r) for i, o in shapes), default=0), dtype=torch.float32)
@@ -101,14 +109,103 @@ def draw_lora_a(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tenso
     return flat
 
 
+def draw_units(shapes: list[tuple[int, int]], r: int, seed: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """The uniform [0, 1) numbers behind `draw_lora_a_reference`'s A matrices, flat and in order, in a few torch calls.
+
+    A float32 ``uniform_(lo, hi)`` takes one 32-bit draw per element whatever the bounds, and ``uniform_(0, 1)``
+    gives the unit number itself; so the whole stream (the two discarded draws of each layer included) is drawn
+    ``chunk`` numbers per call into one reused buffer, and each chunk's kept numbers are gathered by one ``cat``:
+    two GIL-free calls per chunk (~10 for a 7B model) instead of three Python-level initialisations per layer,
+    so the drawing thread barely competes with peft's injection for the GIL. `scale_units` makes each A from them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    keep, offset = [], 0  # (start, length) of each layer's A in the stream
+    for i, o in shapes:
+        offset += r * (i + o)  # nn.Linear(in, r) and nn.Linear(r, out): drawn, thrown away
+        keep.append((offset, r * i))
+        offset += r * i
+    units = torch.empty(sum(n for _, n in keep), dtype=torch.float32)
+    scratch = torch.empty(min(chunk, offset), dtype=torch.float32)
+    k = filled = 0
+    for c0 in range(0, offset, chunk):
+        c1 = min(c0 + chunk, offset)
+        buf = scratch[: c1 - c0]
+        buf.uniform_(0.0, 1.0, generator=gen)
+        pieces = []
+        while k < len(keep):
+            start, n = keep[k]
+            lo, hi = max(start, c0), min(start + n, c1)
+            if lo < hi:
+                pieces.append(buf[lo - c0: hi - c0])
+            if start + n > c1:
+                break  # this layer's A goes on in the next chunk
+            k += 1
+        if pieces:
+            m = sum(p.numel() for p in pieces)
+            torch.cat(pieces, out=units[filled: filled + m])
+            filled += m
+    return units
+
+
+def scale_units(units: torch.Tensor, fan_in: int, rounding: str) -> torch.Tensor:
+    """A float32 ``uniform_(-b, b)`` result from its unit numbers (any device): ``u * (hi - lo) + lo`` in float32,
+    fused (one rounding: exact in float64, then rounded) or as two roundings, as the CPU kernel computes it."""
+    bound = _kaiming_bound(fan_in)
+    lo, hi = torch.tensor([-bound, bound], dtype=torch.float32).tolist()  # the kernel's float bounds
+    width = float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32))
+    if rounding == "fused":  # u*w has at most 48 significant bits and u*w+lo fits 53: exact in float64
+        return units.double().mul_(width).add_(lo).float()
+    return units.float().mul(width).add_(lo)
+
+
+_ROUNDING: list[str | None] = []
+
+
+def unit_rounding() -> str | None:
+    """How this torch's CPU ``uniform_`` rounds ("fused" or "separate"), checked once against
+    `draw_lora_a_reference`; None when neither reproduces it (`draw_lora_a` then draws the reference way)."""
+    if not _ROUNDING:
+        shapes, r = [(37, 11), (5, 300), (640, 96)], 4
+        want = draw_lora_a_reference(shapes, r, 1)
+        units = draw_units(shapes, r, 1)
+        found = None
+        for rounding in ("fused", "separate"):
+            got, offset = [], 0
+            for i, _ in shapes:
+                got.append(scale_units(units[offset: offset + r * i], i, rounding))
+                offset += r * i
+            if torch.equal(torch.cat(got), want):
+                found = rounding
+                break
+        if found is None:
+            logger.warning("lora_init: torch's uniform_ is not reproduced from unit numbers; drawing layer by layer")
+        _ROUNDING.append(found)
+    return _ROUNDING[0]
+
+
+def draw_lora_a(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tensor:
+    """peft's A matrices for layers of (in, out) ``shapes``, flat and in order, as its path draws them after
+    ``torch.manual_seed(seed)`` (`draw_lora_a_reference`, bit for bit), through `draw_units`."""
+    rounding = unit_rounding()
+    if rounding is None:
+        return draw_lora_a_reference(shapes, r, seed)
+    units, out, offset = draw_units(shapes, r, seed), [], 0
+    for i, _ in shapes:
+        out.append(scale_units(units[offset: offset + r * i], i, rounding))
+        offset += r * i
+    return torch.cat(out) if out else units
+
+
 class _Drawer(threading.Thread):
-    def __init__(self, shapes: list[tuple[int, int]], r: int, seed: int) -> None:
+    """Draws the unit numbers (`draw_units`) when ``rounding`` is known, else the A matrices the reference way."""
+
+    def __init__(self, shapes: list[tuple[int, int]], r: int, seed: int, rounding: str | None) -> None:
         super().__init__(name="hffv-lora-init", daemon=True)
-        self.args, self.result, self.error = (shapes, r, seed), None, None
+        self.args, self.rounding, self.result, self.error = (shapes, r, seed), rounding, None, None
 
     def run(self) -> None:
         try:
-            self.result = draw_lora_a(*self.args)
+            self.result = (draw_units if self.rounding else draw_lora_a_reference)(*self.args)
         except BaseException as exc:  # pragma: no cover - re-raised by the caller
             self.error = exc
 
@@ -123,7 +220,8 @@ def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "defaul
     plan = _plan(model, config)
     if plan is None:
         return None
-    drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed)
+    rounding = unit_rounding()
+    drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed, rounding)
     drawer.start()  # the draws overlap peft's module surgery below
     peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True,
                                 low_cpu_mem_usage=True)
@@ -135,14 +233,16 @@ def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "defaul
     if [name for name, _ in layers] != [name for name, _, _ in plan]:  # peft chose other layers: redraw in its order
         logger.debug("lora_init: peft wrapped other layers than planned; drawing again in its order")
         plan = [(name, m.in_features, m.out_features) for name, m in layers]
-        flat = draw_lora_a([(i, o) for _, i, o in plan], config.r, seed)
-    _materialize(model, layers, flat, adapter_name)
+        flat, rounding = draw_lora_a([(i, o) for _, i, o in plan], config.r, seed), None
+    _materialize(model, layers, flat, adapter_name, rounding)
     return peft_model
 
 
-def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: torch.Tensor, adapter_name: str) -> None:
-    """Give each meta-device adapter its A (from ``flat``) and zero B, on the base layer's device and (float)
-    dtype, as peft's ``_move_adapter_to_device_of_base_layer`` would; peft's fp32 autocast then applies as usual."""
+def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: torch.Tensor, adapter_name: str,
+                 rounding: str | None = None) -> None:
+    """Give each meta-device adapter its A (from ``flat``: the A matrices, or their unit numbers scaled here, on
+    the device, when ``rounding`` is given) and zero B, on the base layer's device and (float) dtype, as peft's
+    ``_move_adapter_to_device_of_base_layer`` would; peft's fp32 autocast then applies as usual."""
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
     on_device: dict[torch.device, torch.Tensor] = {}
@@ -159,7 +259,11 @@ def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: to
         target = dtype if dtype is not None and (dtype.is_floating_point or dtype.is_complex) else torch.float32
         if device not in on_device:
             on_device[device] = flat.to(device)
-        a = on_device[device][offset: offset + n].view(r, layer.in_features).to(target, copy=True)
+        a = on_device[device][offset: offset + n]
+        if rounding is None:
+            a = a.view(r, layer.in_features).to(target, copy=True)
+        else:  # a fresh float32 tensor: no copy needed to leave the shared buffer
+            a = scale_units(a, layer.in_features, rounding).view(r, layer.in_features).to(target)
         offset += n
         b = torch.zeros(layer.out_features, r, dtype=target, device=device)
         lora_a.weight = nn.Parameter(a, requires_grad=lora_a.weight.requires_grad)
