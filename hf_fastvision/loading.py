@@ -315,6 +315,7 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
     elif not prequantized and options.bits != 16:
         kwargs["quantization_config"] = plan.to_bnb_config()
     kwargs.update({k: v for k, v in options.extra.items() if k not in _PASS_THROUGH})
+    _no_hub_kernels(kwargs, options.patches)
     try:
         model = model_class.from_pretrained(resolution.name, **kwargs)
     except Exception as exc:  # safetensors' own error type differs between versions
@@ -337,6 +338,27 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
             p.requires_grad_(True)
         allocator.enable_for_training()  # ready to train as loaded: expandable segments from here (`allocator`)
     return model
+
+
+def _no_hub_kernels(kwargs: dict[str, Any], patches: Any) -> None:
+    """``use_kernels=False`` for transformers unless the patches are off.
+
+    From transformers 5.25 ``use_kernels`` defaults to True where the `kernels` package is installed, and every
+    ``train()`` / ``eval()`` then re-kernelizes the ``use_kernel_forward_from_hub`` layers (RMSNorm, ...): each
+    one's instance forward is replaced or removed, which would silently unbind our patches at the first mode
+    switch. Hub kernels and our patches cover the same layers, so asking for both is refused.
+    """
+    from hf_fastvision.patching import PatchOptions
+
+    if not any(v for k, v in vars(PatchOptions.from_value(patches)).items() if isinstance(v, bool)):
+        return  # patches off: transformers' own default applies
+    if kwargs.get("use_kernels"):
+        raise ValueError(
+            "use_kernels=True hands RMSNorm and other layers to the Hub's kernels, which replace hf_fastvision's "
+            "patched forwards at every train()/eval(). Drop use_kernels to keep our kernels, or pass patches=False "
+            "to use the Hub's."
+        )
+    kwargs["use_kernels"] = False
 
 
 def _start_precompile(meta: Any, spec: ArchSpec, options: LoadOptions, dtype: torch.dtype) -> None:

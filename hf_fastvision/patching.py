@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import types
 import weakref
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ import torch.nn as nn
 
 from hf_fastvision import allocator
 from hf_fastvision.registry import ArchSpec, get_arch, resolve_roots
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PatchOptions",
@@ -327,6 +330,15 @@ def _can_fuse_loss(model: nn.Module) -> bool:
     return "logits_to_keep" in params and type(head) is nn.Linear
 
 
+def _stop_hub_kernels(model: nn.Module) -> None:
+    """Turn transformers' Hub kernels off on ``model`` before binding ours (transformers >= 5.25 loads with
+    ``use_kernels=True`` by default where the `kernels` package is installed, and re-kernelizes at every
+    ``train()`` / ``eval()``, replacing or removing the instance forwards of its kernel layers: ours too)."""
+    if getattr(model, "use_kernels", False) and callable(getattr(model, "reset_kernels", None)):
+        model.reset_kernels()  # the stock forwards back, and no re-kernelization at mode switches
+        logger.info("transformers' Hub kernels turned off on this model: hf_fastvision's patches replace them")
+
+
 def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any = None) -> dict[str, int]:
     """Bind the spec's kernels onto `model`'s modules; returns how many modules each patch touched."""
     spec = spec or get_arch(model.config)
@@ -336,6 +348,7 @@ def apply_patches(model: nn.Module, spec: ArchSpec | None = None, options: Any =
               "cross_attention": 0}
     if spec.generic or not spec.patches:
         return counts
+    _stop_hub_kernels(model)
     roots = resolve_roots(spec, model)
     scope = roots.language + roots.vision
     norm_kind = spec.patches.get("rms_norm")

@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtysecond # Qwen 2048 load A/B: LoRA draws in a thread vs inline, helper off
 #   bash scripts/gpu_plan.sh thirtieth    # the Llama table (all four systems, 2048+8192) at today's defaults
 #   bash scripts/gpu_plan.sh thirtyfirst  # LoRA set-up GPU test, then the Qwen table at today's defaults
 #   bash scripts/gpu_plan.sh twentyninth  # nf4 dequantization kernel (bits, speed); Llama ours with it and with bitsandbytes'
@@ -392,6 +393,29 @@ for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  thirtysecond)  # ~5 minutes: the LoRA set-up's GPU test, then Qwen 2048 load A/B: the recipe, then ours with the
+    # draws in a thread / inline (alternated, twice), and inline without the precompile helper (2 steps each)
+    timeout 90 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf --steps 2 --budget 100 \
+      --out /tmp/q32_hf > /dev/null 2>&1
+    cp /tmp/q32_hf/results.csv "$out/hf.csv"
+    for v in thread inline thread inline; do
+      HF_FASTVISION_LORA_DRAW=$v python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours \
+        --steps 2 --budget 60 --warmup off --out /tmp/q32_$v > /dev/null 2>&1
+      cat /tmp/q32_$v/results.csv >> "$out/ours_$v.csv"
+    done
+    HF_FASTVISION_LORA_DRAW=inline python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems ours \
+      --steps 2 --budget 60 --warmup off --ours-patches '{"precompile": false}' --out /tmp/q32_nohelper > /dev/null 2>&1
+    cp /tmp/q32_nohelper/results.csv "$out/ours_inline_nohelper.csv"
+    python - "$out" <<'PY'
+import csv, glob, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.csv")):
+    for r in csv.DictReader(open(f)):
+        if r.get("system") in ("hf", "ours"):
+            print(f.rsplit("/", 1)[1], r["system"], "load", r["load_s"][:5], r["load_parts"], r["load_splits"])
 PY
     ;;
   thirtieth)  # ~9 minutes: the Llama table at today's defaults (nf4 dequantization kernel, real-first vision rows,

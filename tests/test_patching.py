@@ -101,3 +101,41 @@ def test_for_inference_suspends_and_for_training_resumes(tiny_checkpoint):
     assert patches_active(model)
     now = {n: m.__dict__["forward"] for n, m in model.named_modules() if "_hffv_patch" in m.__dict__}
     assert now == bound
+
+
+def _bound_forwards(model):
+    return {n: m.__dict__.get("forward") for n, m in model.named_modules() if "_hffv_patch" in m.__dict__}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "gemma3"])
+def test_patches_survive_train_and_eval_switches(name, tiny_checkpoint):
+    # transformers >= 5.25 re-kernelizes its Hub-kernel layers (RMSNorm, ...) at every train()/eval() when
+    # use_kernels is on (its default where `kernels` is installed), popping instance forwards: ours are kept
+    model = AutoFastVisionModel.from_pretrained(tiny_checkpoint(name), load_in_16bit=True)
+    before = _bound_forwards(model)
+    assert before and all(f is not None for f in before.values())
+    assert not getattr(model, "use_kernels", False)
+    batch = sample_batch(tiny_processor(name), name, n=1)
+    for mode in (True, False, True):
+        model.train(mode)
+        with torch.no_grad():
+            model(**batch)
+    assert _bound_forwards(model) == before
+
+
+def test_patches_applied_to_a_model_transformers_loaded(tiny_checkpoint):
+    # a model from plain transformers (Hub kernels on by default from 5.25) patched by apply_patches
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
+    apply_patches(model)
+    before = _bound_forwards(model)
+    assert before and not getattr(model, "use_kernels", False)
+    model.train()
+    model.eval()
+    assert _bound_forwards(model) == before
+
+
+def test_use_kernels_with_patches_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="patches=False"):
+        AutoFastVisionModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"), load_in_16bit=True, use_kernels=True)

@@ -6,13 +6,10 @@ three draws and two blocking host-to-device copies per layer, 1,040 copies for L
 all on the load's critical path (peft's injection took 1.0-2.3 s of that model's load on the H200 host).
 
 Here peft injects on the meta device (its ``low_cpu_mem_usage=True``: the same modules, no tensors), while a
-second thread draws the same random stream from a private generator seeded like peft's global one, in one
-``uniform_(0, 1)`` call (the two draws peft throws away are drawn too, so the stream stays aligned; `draw_units`):
-two GIL-free torch calls, so the thread hardly competes with the injection for the GIL (drawing layer by layer,
-three Python-level initialisations per layer, it slowed the injection by ~40% and still made it wait). The unit
-numbers reach each device in one copy, where each layer's A is scaled from them with the CPU kernel's float
-rounding (`scale_units`, checked once against the reference draw: `unit_rounding`), and every B is allocated
-there as zeros. The user's global generator is never touched (peft's path, as `get_peft_model` calls it, forks it).
+second thread draws the same numbers from a private generator seeded like peft's global one (`draw_lora_a`: the
+two draws peft throws away are drawn too, in one call, so the stream stays aligned), then every A reaches its
+device in one copy and every B is allocated there as zeros. The user's global generator is never touched (peft's
+path, as `get_peft_model` calls it, forks it).
 
 Same numbers, dtypes, devices and trainable flags as peft's path: `tests/training/test_lora_init.py` compares every
 adapter tensor bit for bit. Anything this does not model takes peft's path instead (`supported` says why): a
@@ -25,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 from typing import Any
 
@@ -109,105 +107,60 @@ def draw_lora_a_reference(shapes: list[tuple[int, int]], r: int, seed: int) -> t
     return flat
 
 
-def draw_units(shapes: list[tuple[int, int]], r: int, seed: int, chunk: int = 1 << 24) -> torch.Tensor:
-    """The uniform [0, 1) numbers behind `draw_lora_a_reference`'s A matrices, flat and in order, in a few torch calls.
-
-    A float32 ``uniform_(lo, hi)`` takes one 32-bit draw per element whatever the bounds, and ``uniform_(0, 1)``
-    gives the unit number itself; so the whole stream (the two discarded draws of each layer included) is drawn
-    ``chunk`` numbers per call into one reused buffer, and each chunk's kept numbers are gathered by one ``cat``:
-    two GIL-free calls per chunk (~10 for a 7B model) instead of three Python-level initialisations per layer,
-    so the drawing thread barely competes with peft's injection for the GIL. `scale_units` makes each A from them.
-    """
+def _draw_two_calls(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    keep, offset = [], 0  # (start, length) of each layer's A in the stream
+    flat = torch.empty(sum(r * i for i, _ in shapes), dtype=torch.float32)
+    scratch = torch.empty(max((r * (i + o) for i, o in shapes), default=0), dtype=torch.float32)
+    offset = 0
     for i, o in shapes:
-        offset += r * (i + o)  # nn.Linear(in, r) and nn.Linear(r, out): drawn, thrown away
-        keep.append((offset, r * i))
+        scratch[: r * (i + o)].uniform_(generator=gen)  # nn.Linear(in, r) and nn.Linear(r, out): thrown away
+        bound = _kaiming_bound(i)
+        flat[offset: offset + r * i].uniform_(-bound, bound, generator=gen)  # kaiming_uniform_'s own call
         offset += r * i
-    units = torch.empty(sum(n for _, n in keep), dtype=torch.float32)
-    scratch = torch.empty(min(chunk, offset), dtype=torch.float32)
-    k = filled = 0
-    for c0 in range(0, offset, chunk):
-        c1 = min(c0 + chunk, offset)
-        buf = scratch[: c1 - c0]
-        buf.uniform_(0.0, 1.0, generator=gen)
-        pieces = []
-        while k < len(keep):
-            start, n = keep[k]
-            lo, hi = max(start, c0), min(start + n, c1)
-            if lo < hi:
-                pieces.append(buf[lo - c0: hi - c0])
-            if start + n > c1:
-                break  # this layer's A goes on in the next chunk
-            k += 1
-        if pieces:
-            m = sum(p.numel() for p in pieces)
-            torch.cat(pieces, out=units[filled: filled + m])
-            filled += m
-    return units
+    return flat
 
 
-def scale_units(units: torch.Tensor, fan_in: int, rounding: str) -> torch.Tensor:
-    """A float32 ``uniform_(-b, b)`` result from its unit numbers (any device): ``u * (hi - lo) + lo`` in float32,
-    fused (one rounding: exact in float64, then rounded) or as two roundings, as the CPU kernel computes it."""
-    bound = _kaiming_bound(fan_in)
-    lo, hi = torch.tensor([-bound, bound], dtype=torch.float32).tolist()  # the kernel's float bounds
-    width = float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32))
-    if rounding == "fused":  # u*w has at most 48 significant bits and u*w+lo fits 53: exact in float64
-        return units.double().mul_(width).add_(lo).float()
-    return units.float().mul(width).add_(lo)
+_ALIGNED: list[bool] = []
 
 
-_ROUNDING: list[str | None] = []
-
-
-def unit_rounding() -> str | None:
-    """How this torch's CPU ``uniform_`` rounds ("fused" or "separate"), checked once against
-    `draw_lora_a_reference`; None when neither reproduces it (`draw_lora_a` then draws the reference way)."""
-    if not _ROUNDING:
+def _two_calls_aligned() -> bool:
+    """Whether this torch's float32 ``uniform_`` takes one 32-bit draw per element whatever its bounds (so one call
+    can stand for peft's two discarded initialisations); checked once against `draw_lora_a_reference`."""
+    if not _ALIGNED:
         shapes, r = [(37, 11), (5, 300), (640, 96)], 4
-        want = draw_lora_a_reference(shapes, r, 1)
-        units = draw_units(shapes, r, 1)
-        found = None
-        for rounding in ("fused", "separate"):
-            got, offset = [], 0
-            for i, _ in shapes:
-                got.append(scale_units(units[offset: offset + r * i], i, rounding))
-                offset += r * i
-            if torch.equal(torch.cat(got), want):
-                found = rounding
-                break
-        if found is None:
-            logger.warning("lora_init: torch's uniform_ is not reproduced from unit numbers; drawing layer by layer")
-        _ROUNDING.append(found)
-    return _ROUNDING[0]
+        _ALIGNED.append(torch.equal(_draw_two_calls(shapes, r, 1), draw_lora_a_reference(shapes, r, 1)))
+        if not _ALIGNED[0]:
+            logger.warning("lora_init: torch's uniform_ stream differs from the expected; drawing as peft does")
+    return _ALIGNED[0]
 
 
 def draw_lora_a(shapes: list[tuple[int, int]], r: int, seed: int) -> torch.Tensor:
     """peft's A matrices for layers of (in, out) ``shapes``, flat and in order, as its path draws them after
-    ``torch.manual_seed(seed)`` (`draw_lora_a_reference`, bit for bit), through `draw_units`."""
-    rounding = unit_rounding()
-    if rounding is None:
+    ``torch.manual_seed(seed)`` (`draw_lora_a_reference`, bit for bit), in two ``uniform_`` calls per layer:
+    one for the two discarded initialisations (a float32 ``uniform_`` takes one 32-bit draw per element whatever
+    its bounds), one with kaiming's bounds into A. All serial, GIL-free torch calls and no Python-level init:
+    from a thread, it competes little with peft's injection (one stream drawn in big chunks and gathered by
+    ``cat`` measured 2-3x slower on the H200 host: ``cat`` runs an OpenMP team, there beside a compiling helper)."""
+    if not _two_calls_aligned():
         return draw_lora_a_reference(shapes, r, seed)
-    units, out, offset = draw_units(shapes, r, seed), [], 0
-    for i, _ in shapes:
-        out.append(scale_units(units[offset: offset + r * i], i, rounding))
-        offset += r * i
-    return torch.cat(out) if out else units
+    return _draw_two_calls(shapes, r, seed)
 
 
 class _Drawer(threading.Thread):
-    """Draws the unit numbers (`draw_units`) when ``rounding`` is known, else the A matrices the reference way."""
-
-    def __init__(self, shapes: list[tuple[int, int]], r: int, seed: int, rounding: str | None) -> None:
+    def __init__(self, shapes: list[tuple[int, int]], r: int, seed: int) -> None:
         super().__init__(name="hffv-lora-init", daemon=True)
-        self.args, self.rounding, self.result, self.error = (shapes, r, seed), rounding, None, None
+        self.args, self.result, self.error = (shapes, r, seed), None, None
 
     def run(self) -> None:
         try:
-            self.result = (draw_units if self.rounding else draw_lora_a_reference)(*self.args)
+            self.result = draw_lora_a(*self.args)
         except BaseException as exc:  # pragma: no cover - re-raised by the caller
             self.error = exc
+
+
+def _draw_in_thread() -> bool:
+    """``HF_FASTVISION_LORA_DRAW=inline`` draws before the injection instead of beside it (an A/B switch)."""
+    return os.environ.get("HF_FASTVISION_LORA_DRAW", "thread").strip().lower() != "inline"
 
 
 def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "default") -> Any | None:
@@ -220,29 +173,31 @@ def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "defaul
     plan = _plan(model, config)
     if plan is None:
         return None
-    rounding = unit_rounding()
-    drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed, rounding)
-    drawer.start()  # the draws overlap peft's module surgery below
+    drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed)
+    _two_calls_aligned()  # the one-off check runs here, not in the thread
+    if _draw_in_thread():
+        drawer.start()  # the draws overlap peft's module surgery below
+    else:
+        drawer.run()
     peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True,
                                 low_cpu_mem_usage=True)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    drawer.join()
+    if drawer.is_alive() or drawer.ident is not None:
+        drawer.join()
     if drawer.error is not None:
         raise drawer.error
     flat = drawer.result
     if [name for name, _ in layers] != [name for name, _, _ in plan]:  # peft chose other layers: redraw in its order
         logger.debug("lora_init: peft wrapped other layers than planned; drawing again in its order")
         plan = [(name, m.in_features, m.out_features) for name, m in layers]
-        flat, rounding = draw_lora_a([(i, o) for _, i, o in plan], config.r, seed), None
-    _materialize(model, layers, flat, adapter_name, rounding)
+        flat = draw_lora_a([(i, o) for _, i, o in plan], config.r, seed)
+    _materialize(model, layers, flat, adapter_name)
     return peft_model
 
 
-def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: torch.Tensor, adapter_name: str,
-                 rounding: str | None = None) -> None:
-    """Give each meta-device adapter its A (from ``flat``: the A matrices, or their unit numbers scaled here, on
-    the device, when ``rounding`` is given) and zero B, on the base layer's device and (float) dtype, as peft's
-    ``_move_adapter_to_device_of_base_layer`` would; peft's fp32 autocast then applies as usual."""
+def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: torch.Tensor, adapter_name: str) -> None:
+    """Give each meta-device adapter its A (from ``flat``) and zero B, on the base layer's device and (float)
+    dtype, as peft's ``_move_adapter_to_device_of_base_layer`` would; peft's fp32 autocast then applies as usual."""
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
     on_device: dict[torch.device, torch.Tensor] = {}
@@ -259,11 +214,7 @@ def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: to
         target = dtype if dtype is not None and (dtype.is_floating_point or dtype.is_complex) else torch.float32
         if device not in on_device:
             on_device[device] = flat.to(device)
-        a = on_device[device][offset: offset + n]
-        if rounding is None:
-            a = a.view(r, layer.in_features).to(target, copy=True)
-        else:  # a fresh float32 tensor: no copy needed to leave the shared buffer
-            a = scale_units(a, layer.in_features, rounding).view(r, layer.in_features).to(target)
+        a = on_device[device][offset: offset + n].view(r, layer.in_features).to(target, copy=True)
         offset += n
         b = torch.zeros(layer.out_features, r, dtype=target, device=device)
         lora_a.weight = nn.Parameter(a, requires_grad=lora_a.weight.requires_grad)
