@@ -28,8 +28,10 @@ def _self_attentions(model) -> list[str]:
     for name, module in model.named_modules():
         if not type(module).__name__.endswith("Attention") or "vision" in name or "visual" in name:
             continue
-        code = getattr(type(module).forward, "__wrapped__", type(module).forward).__code__
-        if "apply_rotary_pos_emb" in code.co_names:
+        forward = type(module).forward
+        while hasattr(forward, "__wrapped__"):  # decorators: transformers' kwarg checks, `kernels`' func routing
+            forward = forward.__wrapped__
+        if "apply_rotary_pos_emb" in forward.__code__.co_names:
             names.append(name)
     return names
 
