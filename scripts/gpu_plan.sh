@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtythird  # Qwen 2048 recipe + ours: load at the final code
 #   bash scripts/gpu_plan.sh thirtysecond # Qwen 2048 load A/B: LoRA draws in a thread vs inline, helper off
 #   bash scripts/gpu_plan.sh thirtieth    # the Llama table (all four systems, 2048+8192) at today's defaults
 #   bash scripts/gpu_plan.sh thirtyfirst  # LoRA set-up GPU test, then the Qwen table at today's defaults
@@ -393,6 +394,18 @@ for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  thirtythird)  # ~3 minutes: Qwen 2048, the recipe then ours at the final code of 2026-12-04 (LoRA draws in two
+    # uniform_ calls per layer, in a thread): load and first step in one command
+    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 3 --budget 250 \
+      --out /tmp/q33 > /tmp/q33.txt 2>&1
+    cp /tmp/q33/results.md /tmp/q33/results.csv /tmp/q33/workers.log "$out/"
+    grep "| Qwen" "$out/results.md" | cut -c1-160
+    python - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/q33/results.csv")):
+    print(r["system"], r["status"], "first", r["first_step_s"][:6], "load", r["load_s"], r["load_parts"], r["load_splits"])
 PY
     ;;
   thirtysecond)  # ~5 minutes: the LoRA set-up's GPU test, then Qwen 2048 load A/B: the recipe, then ours with the
