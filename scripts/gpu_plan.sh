@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtyfourth # LoRA set-up GPU test (uint8 discard draws) + the draw's speed there
 #   bash scripts/gpu_plan.sh thirtythird  # Qwen 2048 recipe + ours: load at the final code
 #   bash scripts/gpu_plan.sh thirtysecond # Qwen 2048 load A/B: LoRA draws in a thread vs inline, helper off
 #   bash scripts/gpu_plan.sh thirtieth    # the Llama table (all four systems, 2048+8192) at today's defaults
@@ -394,6 +395,22 @@ for d in ("l27", "l27p"):
     for r in csv.DictReader(open(f"/tmp/{d}/results.csv")):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
+PY
+    ;;
+  thirtyfourth)  # ~1 minute: the LoRA set-up's GPU test with the uint8 discard draws, then the draw's speed on
+    # this host (Qwen2.5-VL-7B's 356 layer shapes, r=16): two calls per layer against peft's three inits
+    timeout 70 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    timeout 30 python - <<'PY' 2>&1 | tail -5 | tee "$out/draw_speed.txt"
+import time
+from hf_fastvision.training import lora_init as li
+shapes = [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)] * 28
+shapes += [(1280, 3840), (1280, 1280), (1280, 3420), (1280, 3420), (3420, 1280)] * 32 + [(5120, 5120), (5120, 3584)]
+print("aligned", li._two_calls_aligned(), "layers", len(shapes))
+for _ in range(2):
+    t = time.perf_counter(); a = li.draw_lora_a(shapes, 16, 3407); t1 = time.perf_counter() - t
+    t = time.perf_counter(); b = li.draw_lora_a_reference(shapes, 16, 3407); t2 = time.perf_counter() - t
+    print(f"two calls {t1:.3f} s, peft's three inits {t2:.3f} s, equal {bool((a == b).all())}")
 PY
     ;;
   thirtythird)  # ~3 minutes: Qwen 2048, the recipe then ours at the final code of 2026-12-04 (LoRA draws in two
