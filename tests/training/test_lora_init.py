@@ -148,3 +148,18 @@ def test_inline_and_threaded_draws_give_peft_adapters(where, tiny_checkpoint, mo
     monkeypatch.setenv("HF_FASTVISION_LORA_DRAW", where)
     ref, fast = _both(tiny_checkpoint("qwen2_vl"), r=8, lora_alpha=16, random_state=21)
     _assert_same(ref, fast)
+
+
+def test_switch_interval_lowered_for_the_injection_then_restored(tiny_checkpoint, monkeypatch):
+    # the drawing thread gets the GIL back quickly while peft's surgery runs; the user's setting returns after
+    import sys
+
+    import peft
+
+    seen = []
+    real = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: seen.append(sys.getswitchinterval()) or real(*a, **k))
+    before = sys.getswitchinterval()
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
+    FastVisionModel.get_peft_model(model, r=8)
+    assert len(seen) == 1 and seen[0] == pytest.approx(lora_init.SWITCH_INTERVAL) and sys.getswitchinterval() == before
