@@ -350,7 +350,7 @@ def _no_hub_kernels(kwargs: dict[str, Any], patches: Any) -> None:
     """
     from hf_fastvision.patching import PatchOptions
 
-    if not any(v for k, v in vars(PatchOptions.from_value(patches)).items() if isinstance(v, bool)):
+    if not any(v is True for v in vars(PatchOptions.from_value(patches)).values()):
         return  # patches off: transformers' own default applies
     if kwargs.get("use_kernels"):
         raise ValueError(

@@ -64,6 +64,21 @@ mkdir -p /tmp/site && tar -C /tmp/site -xzf .devkit/site.tar.gz
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/gpu_plan_out}
 mkdir -p "$out"
+# one bench_qlora command into /tmp/$1 (the rest of the arguments are its own), its table, CSV and log copied to
+# $out, then each row's table line, first step, load and load splits printed
+bench_rows() {
+  local dir=/tmp/$1
+  shift
+  python scripts/bench_qlora.py "$@" --out "$dir" > "$dir.txt" 2>&1
+  cp "$dir/results.md" "$dir/results.csv" "$dir/workers.log" "$out/"
+  grep "^| [A-Z]\|caches:" "$out/results.md" | grep -v "^| model" | cut -c1-200
+  python - "$dir/results.csv" <<'PY'
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(r["system"], r["seq"], r["status"], "first", r["first_step_s"][:6], "load", r["load_s"], r["load_parts"],
+          r["load_splits"])
+PY
+}
 # ours with one patch off (the JSON $1), then with the defaults, on both models at 2048+8192: an A/B of patch $2,
 # with budgets $3 (off, builds the folders) and $4 (on) seconds per model
 ours_off_on() {
@@ -415,15 +430,7 @@ PY
     ;;
   thirtythird)  # ~3 minutes: Qwen 2048, the recipe then ours at the final code of 2026-12-04 (LoRA draws in two
     # uniform_ calls per layer, in a thread): load and first step in one command
-    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 3 --budget 250 \
-      --out /tmp/q33 > /tmp/q33.txt 2>&1
-    cp /tmp/q33/results.md /tmp/q33/results.csv /tmp/q33/workers.log "$out/"
-    grep "| Qwen" "$out/results.md" | cut -c1-160
-    python - <<'PY'
-import csv
-for r in csv.DictReader(open("/tmp/q33/results.csv")):
-    print(r["system"], r["status"], "first", r["first_step_s"][:6], "load", r["load_s"], r["load_parts"], r["load_splits"])
-PY
+    bench_rows q33 --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 3 --budget 250
     ;;
   thirtysecond)  # ~5 minutes: the LoRA set-up's GPU test, then Qwen 2048 load A/B: the recipe, then ours with the
     # draws in a thread / inline (alternated, twice), and inline without the precompile helper (2 steps each)
@@ -450,29 +457,13 @@ PY
     ;;
   thirtieth)  # ~9 minutes: the Llama table at today's defaults (nf4 dequantization kernel, real-first vision rows,
     # chunked unit draws for the LoRA set-up), all four systems, the recipe first
-    python scripts/bench_qlora.py --model llama32_11b_vision --seqs 2048 8192 --systems hf ours liger unsloth \
-      --steps 6 --budget 470 --out /tmp/l30 > /tmp/l30.txt 2>&1
-    cp /tmp/l30/results.md /tmp/l30/results.csv /tmp/l30/workers.log "$out/"
-    grep "| Llama\|caches:" "$out/results.md" | cut -c1-200
-    python - <<'PY'
-import csv
-for r in csv.DictReader(open("/tmp/l30/results.csv")):
-    print(r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"])
-PY
+    bench_rows l30 --model llama32_11b_vision --seqs 2048 8192 --systems hf ours liger unsloth --steps 6 --budget 470
     ;;
   thirtyfirst)  # ~9 minutes: the LoRA set-up's GPU test (unit numbers scaled on the GPU), then the Qwen table at
     # today's defaults, all four systems, the recipe first
     timeout 90 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
     tail -1 "$out/gpu_tests.txt"
-    python scripts/bench_qlora.py --model qwen2_5_vl_7b --seqs 2048 8192 --systems hf ours liger unsloth \
-      --steps 6 --budget 440 --out /tmp/q31 > /tmp/q31.txt 2>&1
-    cp /tmp/q31/results.md /tmp/q31/results.csv /tmp/q31/workers.log "$out/"
-    grep "| Qwen\|caches:" "$out/results.md" | cut -c1-200
-    python - <<'PY'
-import csv
-for r in csv.DictReader(open("/tmp/q31/results.csv")):
-    print(r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"])
-PY
+    bench_rows q31 --model qwen2_5_vl_7b --seqs 2048 8192 --systems hf ours liger unsloth --steps 6 --budget 440
     ;;
   twentyninth)  # ~4 minutes: the nf4 dequantization kernel on CUDA (the same bits as bitsandbytes, and its speed),
     # the Mllama split GPU test (the encoder now orders the rows real-first once), then ours alone on the Llama table

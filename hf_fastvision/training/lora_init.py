@@ -132,7 +132,7 @@ def _two_calls_aligned() -> bool:
         shapes, r = [(37, 11), (5, 300), (640, 96)], 4
         _ALIGNED.append(torch.equal(_draw_two_calls(shapes, r, 1), draw_lora_a_reference(shapes, r, 1)))
         if not _ALIGNED[0]:
-            logger.warning("lora_init: torch's uniform_ stream differs from the expected; drawing as peft does")
+            logger.warning("lora_init: torch's random_/uniform_ draw counts differ from the expected; drawing as peft does")
     return _ALIGNED[0]
 
 
