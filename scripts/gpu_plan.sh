@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtyfifth  # thirtyfourth then thirtythird in one call (one machine start)
 #   bash scripts/gpu_plan.sh thirtyfourth # LoRA set-up GPU test (uint8 discard draws) + the draw's speed there
 #   bash scripts/gpu_plan.sh thirtythird  # Qwen 2048 recipe + ours: load at the final code
 #   bash scripts/gpu_plan.sh thirtysecond # Qwen 2048 load A/B: LoRA draws in a thread vs inline, helper off
@@ -411,6 +412,10 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  thirtyfifth)  # ~4 minutes: thirtyfourth, then thirtythird (one machine start for both)
+    bash "$0" thirtyfourth
+    bash "$0" thirtythird
     ;;
   thirtyfourth)  # ~1 minute: the LoRA set-up's GPU test with the uint8 discard draws, then the draw's speed on
     # this host (Qwen2.5-VL-7B's 356 layer shapes, r=16): two calls per layer against peft's three inits
