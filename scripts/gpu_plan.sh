@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtysixth  # Llama 2048 recipe + ours load, then Qwen 2048 again (same command each)
 #   bash scripts/gpu_plan.sh thirtyfifth  # thirtyfourth then thirtythird in one call (one machine start)
 #   bash scripts/gpu_plan.sh thirtyfourth # LoRA set-up GPU test (uint8 discard draws) + the draw's speed there
 #   bash scripts/gpu_plan.sh thirtythird  # Qwen 2048 recipe + ours: load at the final code
@@ -66,13 +67,14 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/gpu_plan_out}
 mkdir -p "$out"
 # one bench_qlora command into /tmp/$1 (the rest of the arguments are its own), its table, CSV and log copied to
-# $out, then each row's table line, first step, load and load splits printed
+# $out/$1/, then each row's table line, first step, load and load splits printed
 bench_rows() {
-  local dir=/tmp/$1
+  local dir=/tmp/$1 name=$1
   shift
   python scripts/bench_qlora.py "$@" --out "$dir" > "$dir.txt" 2>&1
-  cp "$dir/results.md" "$dir/results.csv" "$dir/workers.log" "$out/"
-  grep "^| [A-Z]\|caches:" "$out/results.md" | grep -v "^| model" | cut -c1-200
+  mkdir -p "$out/$name"  # one folder per command: a case may run several
+  cp "$dir/results.md" "$dir/results.csv" "$dir/workers.log" "$out/$name/"
+  grep "^| [A-Z]\|caches:" "$dir/results.md" | grep -v "^| model" | cut -c1-200
   python - "$dir/results.csv" <<'PY'
 import csv, sys
 for r in csv.DictReader(open(sys.argv[1])):
@@ -412,6 +414,10 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  thirtysixth)  # ~8 minutes: load at the final code: Llama 2048 (recipe, ours), then Qwen 2048 (recipe, ours)
+    bench_rows l36 --model llama32_11b_vision --seqs 2048 --systems hf ours --steps 3 --budget 270
+    bench_rows q36 --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 3 --budget 200
     ;;
   thirtyfifth)  # ~4 minutes: thirtyfourth, then thirtythird (one machine start for both)
     bash "$0" thirtyfourth

@@ -163,3 +163,29 @@ def test_switch_interval_lowered_for_the_injection_then_restored(tiny_checkpoint
     model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
     FastVisionModel.get_peft_model(model, r=8)
     assert len(seen) == 1 and seen[0] == pytest.approx(lora_init.SWITCH_INTERVAL) and sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama", "gemma3"])
+def test_target_matcher_agrees_with_peft(name, tiny_checkpoint):
+    # the plan's set lookups must select exactly the modules peft's own check selects (a wrong plan would only
+    # cost a second draw, so the adapter tests above cannot see it)
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from hf_fastvision.training.lora import lora_target_modules
+
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint(name)))
+    names = [n for n, _ in model.named_modules() if n]
+    full = lora_target_modules(model)
+    configs = [
+        LoraConfig(target_modules=full),  # what get_peft_model passes: full paths
+        LoraConfig(target_modules=["q_proj", "v_proj", "mlp.down_proj", "layers.0.self_attn.o_proj"]),  # suffixes
+        LoraConfig(target_modules=[full[0].rsplit(".", 1)[0], "nothing_here"]),  # a container's path
+        LoraConfig(target_modules=r".*\.(q_proj|k_proj)"),  # a regex: peft's own check
+        LoraConfig(target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"]),  # exclusions: peft's own
+    ]
+    for config in configs:
+        matches = lora_init._target_matcher(config)
+        expected = [n for n in names if (f := check_target_module_exists(config, n)) and type(f).__name__ != "_ExcludedModule"]
+        assert [n for n in names if matches(n)] == expected, config.target_modules
+        assert expected or config is configs[2]
+    assert [n for n in names if lora_init._target_matcher(configs[0])(n)] == full
