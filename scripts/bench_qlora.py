@@ -849,14 +849,17 @@ def _load_ours(folder: str, args, device: str):
     # seconds, GPU-synced, in `load_splits`
     with _timed(lora, "lora_target_modules", "targets"), _timed(peft, "get_peft_model", "peft"), \
             _timed(patching, "apply_lora_patches", "lora_patches"), _timed(lora, "for_training", "for_training"), \
-            _timed(lora_init, "_materialize", "lora_materialize"), _timed(lora_init, "_plan", "lora_plan"), \
-            _timed(lora_init._Drawer, "join", "lora_draw_wait"), _timed(lora, "get_peft_model", "lora_total"):
+            _timed(lora_init, "_allocate", "lora_allocate"), _timed(lora_init, "_materialize", "lora_materialize"), \
+            _timed(lora_init, "_plan", "lora_plan"), _timed(lora_init._Drawer, "join", "lora_draw_wait"), \
+            _timed(lora, "get_peft_model", "lora_total"):
         model = FastVisionModel.get_peft_model(
             model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, finetune_vision_layers=True,
             finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True,
             random_state=SEED, fast_lora_init=getattr(args, "ours_lora_init", "fast") == "fast",
         )
     _load_part("get_peft_model")
+    for key, value in getattr(lora_init, "LAST_DRAW", {}).items():  # the drawing thread's wall and CPU seconds
+        _LOAD_SPLITS[f"lora_draw_{key.removesuffix('_s')}"] = round(value, 3)
     return model
 
 

@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtyseventh # LoRA GPU test; Qwen 2048 recipe+ours twice (both orders), load profiles; Llama 2048
 #   bash scripts/gpu_plan.sh thirtysixth  # Llama 2048 recipe + ours load, then Qwen 2048 again (same command each)
 #   bash scripts/gpu_plan.sh thirtyfifth  # thirtyfourth then thirtythird in one call (one machine start)
 #   bash scripts/gpu_plan.sh thirtyfourth # LoRA set-up GPU test (uint8 discard draws) + the draw's speed there
@@ -414,6 +415,20 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  thirtyseventh)  # ~7 minutes: the LoRA set-up now binds kernels and sets up training while A is drawn (GPU test
+    # first), Qwen 2048 recipe + ours in both orders, a cProfile of each system's load, then Llama 2048 recipe + ours
+    timeout 90 python -m pytest -q tests/gpu/test_lora_init_gpu.py 2>&1 | tail -15 > "$out/gpu_tests.txt"
+    tail -1 "$out/gpu_tests.txt"
+    bench_rows q37 --model qwen2_5_vl_7b --seqs 2048 --systems hf ours --steps 3 --budget 150
+    bench_rows q37r --model qwen2_5_vl_7b --seqs 2048 --systems ours hf --steps 3 --budget 120
+    mkdir -p "$out/profile"
+    for s in hf ours; do
+      timeout 60 python scripts/profile_load.py --model qwen2_5_vl_7b --system $s --top 30 --out "$out/profile" \
+        > "$out/profile_$s.txt" 2>&1
+      grep "^\[$s\] load" "$out/profile_$s.txt"
+    done
+    bench_rows l37 --model llama32_11b_vision --seqs 2048 --systems hf ours --steps 3 --budget 200
     ;;
   thirtysixth)  # ~8 minutes: load at the final code: Llama 2048 (recipe, ours), then Qwen 2048 (recipe, ours)
     bench_rows l36 --model llama32_11b_vision --seqs 2048 --systems hf ours --steps 3 --budget 270

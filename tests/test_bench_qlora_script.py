@@ -43,7 +43,8 @@ def test_the_benchmark_runs_ours_and_the_plain_recipe_on_the_tiny_model(tmp_path
         assert set(probe) == {"load", "before", "after"} and all(v > 0 for v in probe.values()), probe
     # ours' LoRA set-up timed by part; the recipe's phases one by one
     splits = ast.literal_eval(rows["ours"]["load_splits"])  # a dict's repr, as the CSV writes it
-    assert set(splits) == {"targets", "peft", "lora_plan", "lora_draw_wait", "lora_materialize", "lora_patches", "for_training", "lora_total"} and all(v >= 0 for v in splits.values())
+    assert set(splits) == {"targets", "peft", "lora_plan", "lora_draw_wait", "lora_allocate", "lora_materialize", "lora_patches",
+                           "for_training", "lora_total", "lora_draw_wall", "lora_draw_cpu"} and all(v >= 0 for v in splits.values())
     assert list(ast.literal_eval(rows["hf"]["load_parts"])) == ["from_pretrained", "processor", "prepare", "checkpointing", "peft"]
     first = [float(rows[s]["losses"].split()[0]) for s in ("ours", "hf")]
     assert abs(first[0] - first[1]) < 1e-2 * abs(first[1]), first

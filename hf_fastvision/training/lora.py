@@ -140,12 +140,21 @@ def get_peft_model(
     from hf_fastvision.training import lora_init
 
     why_not = lora_init.supported(model, config) if fast_lora_init else "fast_lora_init=False"
-    peft_model = lora_init.inject(model, config, seed=random_state) if why_not is None else None
-    if peft_model is None:
+    fast = lora_init.inject(model, config, seed=random_state) if why_not is None else None
+    if fast is None:
         logger.debug("LoRA set-up through peft's own path: %s", why_not or "a target is not a linear layer")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_state)
             peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=True)
+        return _finish_set_up(peft_model, dtypes_before, mode)
+    peft_model, pending = fast
+    try:  # A's numbers are still being drawn in a thread: nothing below reads them
+        return _finish_set_up(peft_model, dtypes_before, mode)
+    finally:
+        pending.finish()
+
+
+def _finish_set_up(peft_model: Any, dtypes_before: dict[str, torch.dtype], mode: Any) -> Any:
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()  # LoRA trains in fp32

@@ -7,9 +7,10 @@ all on the load's critical path (peft's injection took 1.0-2.3 s of that model's
 
 Here peft injects on the meta device (its ``low_cpu_mem_usage=True``: the same modules, no tensors), while a
 second thread draws the same numbers from a private generator seeded like peft's global one (`draw_lora_a`: the
-two draws peft throws away are drawn too, in one call, so the stream stays aligned), then every A reaches its
-device in one copy and every B is allocated there as zeros. The user's global generator is never touched (peft's
-path, as `get_peft_model` calls it, forks it).
+two draws peft throws away are drawn too, in one call, so the stream stays aligned). Every adapter then gets its
+storage on its device (B as zeros) while the thread may still be drawing, and `training/lora.py` binds kernels and
+sets up training meanwhile; `Pending.finish` waits for the draws and copies every A in from one host-to-device
+transfer. The user's global generator is never touched (peft's path, as `get_peft_model` calls it, forks it).
 
 Same numbers, dtypes, devices and trainable flags as peft's path: `tests/training/test_lora_init.py` compares every
 adapter tensor bit for bit. Anything this does not model takes peft's path instead (`supported` says why): a
@@ -25,12 +26,13 @@ import math
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["supported", "inject", "draw_lora_a", "draw_lora_a_reference"]
+__all__ = ["supported", "inject", "Pending", "draw_lora_a", "draw_lora_a_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,15 +187,19 @@ class _Drawer(threading.Thread):
     def __init__(self, shapes: list[tuple[int, int]], r: int, seed: int) -> None:
         super().__init__(name="hffv-lora-init", daemon=True)
         self.args, self.result, self.error = (shapes, r, seed), None, None
+        self.wall_s = self.cpu_s = 0.0
 
     def run(self) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             self.result = draw_lora_a(*self.args)
         except BaseException as exc:  # pragma: no cover - re-raised by the caller
             self.error = exc
+        self.wall_s, self.cpu_s = time.perf_counter() - wall, time.thread_time() - cpu
 
 
 SWITCH_INTERVAL = 1e-4  # seconds: the interpreter's thread switch interval while the drawing thread runs
+LAST_DRAW: dict[str, float] = {}  # the last set-up's draw: seconds of wall clock and of the drawing thread's CPU
 
 
 def _draw_in_thread() -> bool:
@@ -201,10 +207,14 @@ def _draw_in_thread() -> bool:
     return os.environ.get("HF_FASTVISION_LORA_DRAW", "thread").strip().lower() != "inline"
 
 
-def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "default") -> Any | None:
+def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "default") -> tuple[Any, Pending] | None:
     """``peft.get_peft_model(model, config, autocast_adapter_dtype=True)`` run after ``torch.manual_seed(seed)``,
-    with the same adapter weights; the caller checks `supported` first. None, with ``model`` untouched, where a
-    target is not a linear layer (peft's path then applies)."""
+    with the same adapter weights once the returned `Pending` is finished; the caller checks `supported` first.
+
+    Returns ``(peft_model, pending)``: every adapter already has its final shape, dtype, device and trainable flag
+    (B its zeros), only A's numbers are still being drawn; the caller may bind kernels and set up training
+    meanwhile, as long as nothing reads A, then must call ``pending.finish()`` (also on its error path). None, with
+    ``model`` untouched, where a target is not a linear layer (peft's path then applies)."""
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
@@ -213,61 +223,113 @@ def inject(model: nn.Module, config: Any, seed: int, adapter_name: str = "defaul
         return None
     drawer = _Drawer([(i, o) for _, i, o in plan], config.r, seed)
     _two_calls_aligned()  # the one-off check runs here, not in the thread
-    previous = sys.getswitchinterval()
+    pending = Pending(drawer, plan, config.r, seed, adapter_name)
     try:
         if _draw_in_thread():
             # each of the drawer's torch calls ends by asking for the GIL back, which peft's pure-Python surgery
             # holds for up to the switch interval (5 ms): with the default the draws finished ~0.1 s (CPU) to
-            # ~0.4 s (H200 host) after the injection; at 0.1 ms they finish within it (Qwen2.5-VL-7B on CPU:
-            # 0.36-0.41 s for both, against 0.46-0.49 s, and 0.45 s drawing first)
-            sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
-            drawer.start()  # the draws overlap peft's module surgery below
+            # ~0.4 s (H200 host) after the injection; at 0.1 ms they finish within it on CPU (Qwen2.5-VL-7B:
+            # 0.36-0.41 s for both, against 0.46-0.49 s, and 0.45 s drawing first). Restored by `finish`.
+            sys.setswitchinterval(min(pending.switch_interval, SWITCH_INTERVAL))
+            drawer.start()  # the draws overlap peft's module surgery below and the caller's set-up after it
         else:
             drawer.run()
         peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True,
                                     low_cpu_mem_usage=True)
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-        if drawer.ident is not None:
-            drawer.join()
-    finally:
-        sys.setswitchinterval(previous)
-    if drawer.error is not None:
-        raise drawer.error
-    flat = drawer.result
-    if [name for name, _ in layers] != [name for name, _, _ in plan]:  # peft chose other layers: redraw in its order
-        logger.debug("lora_init: peft wrapped other layers than planned; drawing again in its order")
-        plan = [(name, m.in_features, m.out_features) for name, m in layers]
-        flat = draw_lora_a([(i, o) for _, i, o in plan], config.r, seed)
-    _materialize(model, layers, flat, adapter_name)
-    return peft_model
+        pending.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+        pending.sources = _allocate(model, pending.layers, adapter_name)
+    except BaseException:
+        pending.finish(fill=False)
+        raise
+    return peft_model, pending
 
 
-def _materialize(model: nn.Module, layers: list[tuple[str, nn.Module]], flat: torch.Tensor, adapter_name: str) -> None:
-    """Give each meta-device adapter its A (from ``flat``) and zero B, on the base layer's device and (float)
-    dtype, as peft's ``_move_adapter_to_device_of_base_layer`` would; peft's fp32 autocast then applies as usual."""
-    from peft.tuners.tuners_utils import cast_adapter_dtype
+class Pending:
+    """The A matrices of an `inject` still being drawn: `finish` waits for the draws and copies them in."""
 
-    on_device: dict[torch.device, torch.Tensor] = {}
-    offset, all_fp32 = 0, True
+    def __init__(self, drawer: _Drawer, plan: list[tuple[str, int, int]], r: int, seed: int, adapter_name: str):
+        self.drawer, self.plan, self.r, self.seed, self.adapter_name = drawer, plan, r, seed, adapter_name
+        self.switch_interval = sys.getswitchinterval()
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.sources: list[torch.dtype] = []
+        self.done = False
+
+    def finish(self, fill: bool = True) -> None:
+        """Join the drawing thread, restore the switch interval, and (``fill``) give every A its numbers."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.drawer.ident is not None:
+                self.drawer.join()
+        finally:
+            sys.setswitchinterval(self.switch_interval)
+        LAST_DRAW.clear()
+        LAST_DRAW.update(wall_s=self.drawer.wall_s, cpu_s=self.drawer.cpu_s)
+        if self.drawer.error is not None:
+            raise self.drawer.error
+        if not fill:
+            return
+        flat = self.drawer.result
+        if [name for name, _ in self.layers] != [name for name, _, _ in self.plan]:
+            # peft chose other layers than planned: draw again in its order
+            logger.debug("lora_init: peft wrapped other layers than planned; drawing again in its order")
+            flat = draw_lora_a([(m.in_features, m.out_features) for _, m in self.layers], self.r, self.seed)
+        _materialize(self.layers, self.sources, flat, self.adapter_name)
+
+
+def _allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], adapter_name: str) -> list[torch.dtype]:
+    """Give each meta-device adapter real storage on the base layer's device, in the dtype peft's path ends with
+    (the base layer's float dtype, as ``_move_adapter_to_device_of_base_layer`` casts, then its fp32 autocast of
+    16-bit and fp8 adapters): B its zeros, A uninitialised until `_materialize`. Returns, per layer, the dtype A
+    passes through on peft's path (the base layer's), so that `_materialize` rounds it the same way."""
+    upcast = _upcast_dtypes()
+    sources = []
     for name, layer in layers:
         lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         r = lora_a.weight.shape[0]
-        n = r * layer.in_features
         if (tuple(lora_a.weight.shape) != (r, layer.in_features) or lora_a.bias is not None
                 or tuple(lora_b.weight.shape) != (layer.out_features, r) or lora_b.bias is not None):
             raise RuntimeError(f"lora_init: {name} has adapters of an unexpected shape; use peft's path")
         device, dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())
         device = torch.device("cpu") if device is None or device.type == "meta" else torch.device(device)
         target = dtype if dtype is not None and (dtype.is_floating_point or dtype.is_complex) else torch.float32
-        all_fp32 = all_fp32 and target == torch.float32
-        if device not in on_device:
-            on_device[device] = flat.to(device)
-        a = on_device[device][offset: offset + n].view(r, layer.in_features).to(target, copy=True)
-        offset += n
-        b = torch.zeros(layer.out_features, r, dtype=target, device=device)
+        final = torch.float32 if target in upcast else target  # peft's autocast of the adapters, done here
+        a = torch.empty(r, layer.in_features, dtype=final, device=device)
+        b = torch.zeros(layer.out_features, r, dtype=final, device=device)
         lora_a.weight = nn.Parameter(a, requires_grad=lora_a.weight.requires_grad)
         lora_b.weight = nn.Parameter(b, requires_grad=lora_b.weight.requires_grad)
+        sources.append(target)
+    return sources
+
+
+def _upcast_dtypes() -> set[torch.dtype]:
+    """The adapter dtypes peft's ``cast_adapter_dtype`` turns into fp32 (16-bit floats and the fp8 kinds)."""
+    from peft.tuners import tuners_utils
+
+    dtypes = {torch.float16, torch.bfloat16}
+    for name in getattr(tuners_utils, "UPCAST_DTYPES", ()):
+        if (dtype := getattr(torch, name, None)) is not None:
+            dtypes.add(dtype)
+    return dtypes
+
+
+@torch.no_grad()
+def _materialize(layers: list[tuple[str, nn.Module]], sources: list[torch.dtype], flat: torch.Tensor,
+                 adapter_name: str) -> None:
+    """Copy each layer's A out of ``flat`` (one host-to-device transfer per device) into the parameter it has now,
+    rounded through its base layer's dtype first where peft's path does (a 16-bit base: bf16, then fp32)."""
+    on_device: dict[torch.device, torch.Tensor] = {}
+    offset = 0
+    for (name, layer), source in zip(layers, sources):
+        weight = layer.lora_A[adapter_name].weight
+        n = weight.numel()
+        if weight.shape[1] != layer.in_features or offset + n > flat.numel():
+            raise RuntimeError(f"lora_init: {name}'s A does not match the draws; use peft's path")
+        if weight.device not in on_device:
+            on_device[weight.device] = flat.to(weight.device)
+        values = on_device[weight.device][offset: offset + n].view(weight.shape)
+        weight.copy_(values.to(source) if source != weight.dtype else values)
+        offset += n
     if offset != flat.numel():
         raise RuntimeError("lora_init: drew for more layers than peft wrapped")
-    if not all_fp32:  # adapters of 16-bit (or fp8) base layers: peft's upcast, as its path ends; fp32 ones stay
-        cast_adapter_dtype(model, adapter_name=adapter_name, autocast_adapter_dtype=True)

@@ -189,3 +189,39 @@ def test_target_matcher_agrees_with_peft(name, tiny_checkpoint):
         assert [n for n in names if matches(n)] == expected, config.target_modules
         assert expected or config is configs[2]
     assert [n for n in names if lora_init._target_matcher(configs[0])(n)] == full
+
+
+def test_set_up_runs_beside_a_slow_draw_and_waits_for_it(tiny_checkpoint, monkeypatch):
+    # kernels and training set-up proceed while A is drawn; get_peft_model returns only once A holds its numbers
+    import sys
+    import time
+
+    import hf_fastvision.training.lora as lora
+
+    order = []
+    real_draw, real_finish = lora_init.draw_lora_a, lora._finish_set_up
+    monkeypatch.setattr(lora_init, "draw_lora_a", lambda *a: time.sleep(0.3) or order.append("drawn") or real_draw(*a))
+    monkeypatch.setattr(lora, "_finish_set_up", lambda *a: order.append("set-up") or real_finish(*a))
+    before = sys.getswitchinterval()
+    ref, fast = _both(tiny_checkpoint("qwen2_vl"), r=8, lora_alpha=16, random_state=5)
+    assert order == ["set-up", "set-up", "drawn"]  # peft's path (first) draws nothing through draw_lora_a
+    _assert_same(ref, fast)
+    assert lora_init.LAST_DRAW["wall_s"] >= 0.3 and sys.getswitchinterval() == before
+
+
+def test_failed_set_up_still_joins_the_draw_and_restores_the_switch_interval(tiny_checkpoint, monkeypatch):
+    import sys
+
+    import hf_fastvision.training.lora as lora
+
+    before = sys.getswitchinterval()
+
+    def boom(*args):
+        raise RuntimeError("set-up failed")
+
+    monkeypatch.setattr(lora, "_finish_set_up", boom)
+    model, _ = FastVisionModel.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        FastVisionModel.get_peft_model(model, r=8)
+    assert sys.getswitchinterval() == before
+    assert not any(t.name == "hffv-lora-init" and t.is_alive() for t in __import__("threading").enumerate())
