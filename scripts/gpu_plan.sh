@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtyeighth # the Llama table (all four systems, 2048+8192) at the final code of 2026-12-04
 #   bash scripts/gpu_plan.sh thirtyseventh # LoRA GPU test; Qwen 2048 recipe+ours twice (both orders), load profiles; Llama 2048
 #   bash scripts/gpu_plan.sh thirtysixth  # Llama 2048 recipe + ours load, then Qwen 2048 again (same command each)
 #   bash scripts/gpu_plan.sh thirtyfifth  # thirtyfourth then thirtythird in one call (one machine start)
@@ -415,6 +416,10 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  thirtyeighth)  # ~9 minutes: the Llama table at the final code of 2026-12-04 (A drawn while kernels and training
+    # are set up), all four systems, the recipe first
+    bench_rows l38 --model llama32_11b_vision --seqs 2048 8192 --systems hf ours liger unsloth --steps 6 --budget 470
     ;;
   thirtyseventh)  # ~7 minutes: the LoRA set-up now binds kernels and sets up training while A is drawn (GPU test
     # first), Qwen 2048 recipe + ours in both orders, a cProfile of each system's load, then Llama 2048 recipe + ours
