@@ -25,6 +25,7 @@
 #   bash scripts/gpu_plan.sh twentysixth  # the Qwen table (fast LoRA init), then ours at 2048: helper process; peft's init
 #   bash scripts/gpu_plan.sh twentyseventh # the Llama table (fast LoRA init, really on), then ours at 2048 with the helper
 #   bash scripts/gpu_plan.sh twentyeighth # fast LoRA set-up GPU test; Qwen 2048: the recipe, then ours at the new defaults
+#   bash scripts/gpu_plan.sh thirtyninth  # Qwen 2048 table (all four systems) at the final code, within ~300 s
 #   bash scripts/gpu_plan.sh thirtyeighth # the Llama table (all four systems, 2048+8192) at the final code of 2026-12-04
 #   bash scripts/gpu_plan.sh thirtyseventh # LoRA GPU test; Qwen 2048 recipe+ours twice (both orders), load profiles; Llama 2048
 #   bash scripts/gpu_plan.sh thirtysixth  # Llama 2048 recipe + ours load, then Qwen 2048 again (same command each)
@@ -416,6 +417,10 @@ for d in ("l27", "l27p"):
         print(d, r["system"], r["seq"], "first", r["first_step_s"][:6], "load", r["load_parts"], r["load_splits"],
               "host", r["host_probe_ms"], "triton1", r.get("first_step_triton"), "losses", r["losses"][:60])
 PY
+    ;;
+  thirtyninth)  # ~5 minutes: the Qwen table at 2048 only (what the session's last device time fits), all four
+    # systems at the final code of 2026-12-04, the recipe first
+    bench_rows q39 --model qwen2_5_vl_7b --seqs 2048 --systems hf ours liger unsloth --steps 5 --budget 290
     ;;
   thirtyeighth)  # ~9 minutes: the Llama table at the final code of 2026-12-04 (A drawn while kernels and training
     # are set up), all four systems, the recipe first

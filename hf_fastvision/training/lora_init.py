@@ -305,10 +305,12 @@ def _allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], adapter_nam
 
 def _upcast_dtypes() -> set[torch.dtype]:
     """The adapter dtypes peft's ``cast_adapter_dtype`` turns into fp32 (16-bit floats and the fp8 kinds)."""
-    from peft.tuners import tuners_utils
-
+    try:
+        from peft.utils import UPCAST_DTYPES  # the names cast_adapter_dtype reads (peft >= 0.15)
+    except ImportError:  # pragma: no cover - older peft: 16-bit floats only
+        UPCAST_DTYPES = ()
     dtypes = {torch.float16, torch.bfloat16}
-    for name in getattr(tuners_utils, "UPCAST_DTYPES", ()):
+    for name in UPCAST_DTYPES:
         if (dtype := getattr(torch, name, None)) is not None:
             dtypes.add(dtype)
     return dtypes
