@@ -128,9 +128,9 @@ def _gc_layer_class() -> type:
 
 def _model_specs(model: nn.Module) -> list[Any]:
     """The architecture specs of ``model``'s configured submodules (a VLM and its towers may each have one)."""
-    from hf_fastvision.registry import get_arch_for_model_type
-
     from transformers import PreTrainedModel
+
+    from hf_fastvision.registry import get_arch_for_model_type
 
     specs = []
     for module in model.modules():

@@ -211,6 +211,7 @@ def test_set_up_runs_beside_a_slow_draw_and_waits_for_it(tiny_checkpoint, monkey
 
 def test_failed_set_up_still_joins_the_draw_and_restores_the_switch_interval(tiny_checkpoint, monkeypatch):
     import sys
+    import threading
 
     import hf_fastvision.training.lora as lora
 
@@ -224,4 +225,4 @@ def test_failed_set_up_still_joins_the_draw_and_restores_the_switch_interval(tin
     with pytest.raises(RuntimeError, match="set-up failed"):
         FastVisionModel.get_peft_model(model, r=8)
     assert sys.getswitchinterval() == before
-    assert not any(t.name == "hffv-lora-init" and t.is_alive() for t in __import__("threading").enumerate())
+    assert not any(t.name == "hffv-lora-init" and t.is_alive() for t in threading.enumerate())
