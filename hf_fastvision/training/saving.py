@@ -2,20 +2,21 @@
 
 Adapters are peft's own format (`peft_model.save_pretrained` / `push_to_hub`), so adapters made elsewhere (e.g. by
 Unsloth) load with `PeftModel.from_pretrained(model, folder)` and ours load anywhere peft runs. Merged folders are
-plain transformers checkpoints with upstream class names, written to a temporary folder and renamed into place,
-so a failure never leaves a half-written folder.
+plain transformers checkpoints with upstream class names. Every save goes through `hf_fastvision.writer`: nothing
+the user had is deleted, a clash with a file we did not write is refused unless ``overwrite=True``, and an earlier
+save of ours is replaced atomically.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from hf_fastvision.writer import SafeWriter
 
 __all__ = ["merged_state_dict", "save_merged_16bit", "save_merged_4bit", "save_adapter"]
 
@@ -76,20 +77,11 @@ def merged_state_dict(model: Any, dtype: torch.dtype = torch.bfloat16) -> dict[s
     return out
 
 
-def _atomic_dir(target: str | os.PathLike[str]) -> tuple[Path, Path]:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target, Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-
-
-def save_merged_16bit(model: Any, folder: str | os.PathLike[str], processor: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Fold LoRA into dequantized weights and save a plain 16-bit checkpoint (no quantization_config)."""
+def _write_merged_16bit(model: Any, folder: Path, processor: Any, dtype: torch.dtype) -> None:
     from accelerate import init_empty_weights
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -98,23 +90,33 @@ def save_merged_16bit(model: Any, folder: str | os.PathLike[str], processor: Any
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
-    target, tmp = _atomic_dir(folder)
-    try:
-        with init_empty_weights():
-            fresh = type(base)._from_config(config, dtype=dtype)
-        missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if k not in _tied_keys(fresh)]
-        if missing or unexpected:
-            raise RuntimeError(f"merged weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        fresh.tie_weights()
-        fresh.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+    with init_empty_weights():
+        fresh = type(base)._from_config(config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k not in _tied_keys(fresh)]
+    if missing or unexpected:
+        raise RuntimeError(f"merged weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.tie_weights()
+    fresh.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+
+
+def save_merged_16bit(
+    model: Any,
+    folder: str | os.PathLike[str],
+    processor: Any = None,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Fold LoRA into dequantized weights and save a plain 16-bit checkpoint (no quantization_config).
+
+    ``overwrite=True`` replaces files of the same name that hf_fastvision did not write (nothing else).
+    """
+    with SafeWriter(folder, kind="merged_16bit", overwrite=overwrite, expected=_MODEL_FILES) as w:
+        _write_merged_16bit(model, w.tmp, processor, dtype)
+    return w.dest
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
@@ -122,24 +124,22 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return set(keys if isinstance(keys, (list, set, tuple)) else keys.keys())
 
 
-def save_merged_4bit(model: Any, folder: str | os.PathLike[str], processor: Any = None, **load_kwargs: Any) -> Path:
+def save_merged_4bit(
+    model: Any, folder: str | os.PathLike[str], processor: Any = None, *, overwrite: bool = False, **load_kwargs: Any
+) -> Path:
     """Fold LoRA into the weights, re-quantize with the architecture's 4-bit plan, save a bnb-4bit checkpoint."""
     from hf_fastvision.auto import AutoFastVisionModel
 
-    target, tmp = _atomic_dir(folder)
-    staging = Path(tempfile.mkdtemp(prefix=".merged16-", dir=target.parent))
-    try:
-        save_merged_16bit(model, staging / "m", processor=processor, dtype=load_kwargs.pop("dtype", torch.bfloat16))
-        quantized = AutoFastVisionModel.from_pretrained(staging / "m", load_in_4bit=True, use_exact_model_name=True, **load_kwargs)
-        quantized.save_pretrained(tmp)
+    dtype = load_kwargs.pop("dtype", torch.bfloat16)
+    with SafeWriter(folder, kind="merged_4bit", overwrite=overwrite, expected=_MODEL_FILES) as w:
+        staging = w.scratch("merged16")  # the 16-bit copy; removed at the end, or by the next save if we die
+        _write_merged_16bit(model, staging, processor, dtype)
+        quantized = AutoFastVisionModel.from_pretrained(staging, load_in_4bit=True, use_exact_model_name=True,
+                                                        dtype=dtype, **load_kwargs)
+        quantized.save_pretrained(w.tmp)
         if processor is not None:
-            processor.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+            processor.save_pretrained(w.tmp)
+    return w.dest
 
 
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -171,25 +171,26 @@ def _write_adapter_from_state(model: Any, state_dict: dict[str, torch.Tensor], f
 
 
 def save_adapter(
-    model: Any, folder: str | os.PathLike[str], processor: Any = None, state_dict: dict[str, torch.Tensor] | None = None
+    model: Any,
+    folder: str | os.PathLike[str],
+    processor: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """peft's adapter format (adapter_config.json + adapter_model.safetensors), written atomically.
+    """peft's adapter format (adapter_config.json + adapter_model.safetensors), through the safe writer.
 
     ``state_dict``: the model's full state dict when the live parameters are not the whole tensors (FSDP:
-    `hf_fastvision.distributed.save_on_main` gathers it and passes it here).
+    `hf_fastvision.distributed.save_on_main` gathers it and passes it here). ``overwrite=True`` replaces files of
+    the same name that hf_fastvision did not write (nothing else).
     """
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter needs a model with LoRA adapters (FastVisionModel.get_peft_model).")
-    target, tmp = _atomic_dir(folder)
-    try:
+    with SafeWriter(folder, kind="adapter", overwrite=overwrite, expected=_ADAPTER_FILES) as w:
         if state_dict is not None:
-            _write_adapter_from_state(model, state_dict, tmp)
+            _write_adapter_from_state(model, state_dict, w.tmp)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(w.tmp)
         if processor is not None:
-            processor.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+            processor.save_pretrained(w.tmp)
+    return w.dest

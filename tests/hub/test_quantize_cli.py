@@ -50,7 +50,7 @@ def test_local_dir_is_written_atomically_and_verified(tiny_checkpoint, tmp_path,
     monkeypatch.setattr(q, "stable_logits", drifting)
     assert q.quantize_command(argv) == 1
     assert "does not reproduce" in capsys.readouterr().err
-    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    assert not dest.exists() and not dest.parent.exists()  # the folders the failed save made are gone too
     monkeypatch.setattr(q, "stable_logits", real)
 
     assert q.quantize_command(argv) == 0
@@ -64,9 +64,15 @@ def test_local_dir_is_written_atomically_and_verified(tiny_checkpoint, tmp_path,
     assert meta["base_model"] == "tiny-org/gemma3" and "gemma3" in meta["tags"]
     assert "top-1 token agreement" in (dest / "README.md").read_text()
 
-    # An existing folder is not overwritten without --force (checked before any work).
+    # An earlier save of ours is replaced (atomically); the user's own files beside it are kept.
+    (dest / "notes.txt").write_text("mine")
+    assert q.quantize_command(argv) == 0
+    capsys.readouterr()
+    assert (dest / "notes.txt").read_text() == "mine" and sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+    # A file of the same name that we did not write is refused without --force (checked before any work).
+    (dest / ".hf_fastvision_save.json").unlink()
     assert q.quantize_command(argv) == 1
-    assert "already holds files" in capsys.readouterr().err
+    assert "did not write" in capsys.readouterr().err and (dest / "notes.txt").read_text() == "mine"
 
 
 def test_script_entry_point(monkeypatch, capsys):
