@@ -49,6 +49,7 @@ def tiny_checkpoint(tmp_path_factory):
 def script_module():
     """``script_module("memory_peak")``: a file of ``scripts/`` imported as a module (each name loaded once)."""
     import importlib.util
+    import sys
 
     loaded: dict[str, object] = {}
 
@@ -57,6 +58,7 @@ def script_module():
             path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
             spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
             spec.loader.exec_module(module)
             loaded[name] = module
         return loaded[name]

@@ -39,10 +39,14 @@ class Untouched:
         for root in roots:
             self.watch(root)
 
-    def watch(self, root: str | os.PathLike[str]) -> Path:
-        root = Path(root)
-        self._before[root] = snapshot(root)
-        return root
+    def watch(self, root: str | os.PathLike[str] | None = None) -> Path | None:
+        """Guard `root` too, and take the present state of every guarded folder as the baseline (call it after
+        the test has built its inputs)."""
+        if root is not None:
+            self._before[Path(root)] = {}
+        for key in self._before:
+            self._before[key] = snapshot(key)
+        return Path(root) if root is not None else None
 
     def check(self) -> None:
         for root, before in self._before.items():
