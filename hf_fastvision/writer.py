@@ -97,7 +97,7 @@ def _files(folder: Path) -> dict[str, int]:
         dirnames[:] = [d for d in dirnames if not (rel_dir == Path(".") and _is_ours_tmp(d))]
         for name in filenames:
             rel = (rel_dir / name).as_posix()
-            if rel in (MANIFEST, _COMMITTED):
+            if rel in (MANIFEST, _COMMITTED) or (rel_dir == Path(".") and _is_ours_tmp(name)):
                 continue
             out[rel] = (Path(dirpath) / name).lstat().st_size
     return out
@@ -224,7 +224,7 @@ def _newest(paths: Iterable[Path]) -> Path | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{_TAG}-{path.name.lstrip('.')}-{_stamp()}.tmp")  # a name the next save cleans up
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

@@ -202,6 +202,9 @@ def run(names: list[str], kills: int, seed: int, root: Path, log: Callable[[str]
             allowed = (new, None) if scenario == "fresh" else (old, new)
             if after not in allowed:
                 counts["half_written" if scenario == "fresh" else "earlier_lost"] += 1
+                log(f"  {case.name} kill {i} ({scenario}): after recovery the destination is "
+                    f"{'absent' if after is None else sorted(after)}; around it: {leftovers(dest)}; "
+                    f"beside: {sorted(p.name for p in dest.parent.iterdir())}")
             if scenario == "replace_beside_user_files" and (dest / USER_FILE).read_text() != '{"messages": []}\n':
                 counts["user_file_changed"] += 1
             counts["ended_" + ("absent" if after is None else "old" if after == old else "new")] += 1

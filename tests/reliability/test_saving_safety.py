@@ -218,7 +218,7 @@ def test_killed_between_the_renames_rolls_forward_on_load(tmp_path):
     assert (dest / "w.bin").read_text() == "new!" and _ours_around(dest) == []
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", range(1, 8))
 def test_beside_mode_killed_mid_move_is_finished_by_the_next_save(tmp_path, n):
     dest = tmp_path / "out"
     dest.mkdir()
@@ -230,6 +230,8 @@ def test_beside_mode_killed_mid_move_is_finished_by_the_next_save(tmp_path, n):
     assert texts in ({"old"}, {"new!"}) and (dest / "train.jsonl").read_text() == "{}\n"
     writer.check_manifest(dest)
     assert _ours_around(dest) == []
+    _save_files(dest, {"a.bin": "newer", "b.bin": "newer", "c.bin": "newer"})
+    assert sorted(p.name for p in dest.iterdir()) == [MANIFEST, "a.bin", "b.bin", "c.bin", "train.jsonl"]
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_by_the_next_save(tmp_path):
