@@ -6,15 +6,19 @@ ALLOCATOR_SETUP = _allocator.configure()  # before anything can start CUDA; see 
 
 from hf_fastvision.auto import AutoFastVisionModel
 from hf_fastvision.errors import (
+    CheckpointConfigError,
+    CheckpointMismatchError,
     ConflictingOptionsError,
     CorruptCheckpointError,
     FastVisionError,
     FeatureNotAvailableError,
+    HubUnreachableError,
     ImageSpanTruncationError,
     MissingDependencyError,
     ModelNotFoundError,
     NotAVisionModelError,
 )
+from hf_fastvision.errors import InvalidArgumentError, MissingTokenError
 from hf_fastvision.fast_vision import FastVisionModel
 from hf_fastvision.loading import LoadInfo, get_load_info
 from hf_fastvision.quantization import QuantPlan
@@ -37,7 +41,12 @@ __all__ = [
     "NotAVisionModelError",
     "ConflictingOptionsError",
     "CorruptCheckpointError",
+    "HubUnreachableError",
+    "CheckpointConfigError",
+    "CheckpointMismatchError",
     "MissingDependencyError",
     "FeatureNotAvailableError",
     "ImageSpanTruncationError",
+    "InvalidArgumentError",
+    "MissingTokenError",
 ]

@@ -75,7 +75,8 @@ class AutoFastVisionModel(_BaseAutoModelClass):
 
     `from_pretrained(id_or_path, **kwargs)` takes transformers' usual kwargs plus `load_in_4bit`,
     `load_in_8bit`, `load_in_16bit`, `keep_vision_16bit`, `keep_modules`, `use_exact_model_name`,
-    `quant_type`, `double_quant`, `quant_storage`; it returns the model (use `FastVisionModel` for the
+    `quant_type`, `double_quant`, `quant_storage`, `init_missing` (module prefixes whose tensors the
+    checkpoint may lack, freshly initialised); it returns the model (use `FastVisionModel` for the
     `(model, processor)` pair). The loaded model records what was resolved and why in `model.hf_fastvision`.
     """
 
@@ -85,7 +86,9 @@ class AutoFastVisionModel(_BaseAutoModelClass):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any) -> Any:
         if model_args:
             raise TypeError("AutoFastVisionModel.from_pretrained takes keyword arguments only after the model id.")
+        init_missing = kwargs.pop("init_missing", ())
         options = options_from_kwargs(kwargs)
+        options.init_missing = init_missing
         return load_model(pretrained_model_name_or_path, options, cls._model_mapping)
 
     @classmethod

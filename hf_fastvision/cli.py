@@ -4,10 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["main"]
+from hf_fastvision.errors import FastVisionError, InvalidArgumentError
+from hf_fastvision.quantize import DTYPES
+
+__all__ = ["main", "build_parser", "positive_int", "non_negative_int", "folder_path"]
+
+
+def _argument(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type=` from a check raising `InvalidArgumentError`: argparse prints its message, exit 2."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _int_at_least(name: str, text: str, low: int, example: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        check = InvalidArgumentError.positive_int if low > 0 else InvalidArgumentError.non_negative_int
+        raise check(name, text, example)
+    return value
+
+
+@_argument
+def positive_int(text: str) -> int:
+    """`--steps`: an integer >= 1."""
+    return _int_at_least("--steps", text, 1, 100)
+
+
+@_argument
+def non_negative_int(text: str) -> int:
+    """`--seed`: an integer >= 0."""
+    return _int_at_least("--seed", text, 0, 0)
+
+
+@_argument
+def folder_path(text: str) -> str:
+    """A folder to write into or read from: anything but an existing file."""
+    if os.path.isfile(text):
+        raise InvalidArgumentError.not_a_folder("folder", text)
+    return text
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -20,7 +69,7 @@ def _info(args: argparse.Namespace) -> int:
         kwargs["keep_vision_16bit"] = True
     if args.revision:
         kwargs["revision"] = args.revision
-    if args.dtype:
+    if args.dtype and args.dtype != "auto":
         kwargs["dtype"] = args.dtype
     d = describe(args.model, **kwargs)
     if args.json:
@@ -64,19 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--load-in-16bit", action="store_true")
     info.add_argument("--keep-vision-16bit", action="store_true")
     info.add_argument("--revision")
-    info.add_argument("--dtype", help="bfloat16 (default on GPU), float16, float32")
+    info.add_argument("--dtype", choices=("auto", *DTYPES),
+                      help="compute dtype (default auto: bfloat16 on GPUs that support it, float16 on others, float32 on CPU)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_info)
     demo = sub.add_parser("demo", help="fine-tune the embedded tiny model on a synthetic visual task")
-    demo.add_argument("--steps", type=int, default=None)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--output-dir", default=None)
+    demo.add_argument("--steps", type=positive_int, default=None, help="training steps (default 200, 100 with --quick)")
+    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--output-dir", type=folder_path, default=None, help="folder for the adapter (default: a temp folder)")
     demo.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
     demo.set_defaults(func=_demo)
     pull = sub.add_parser("pull", help="download a bnb-4bit repo into the HF cache and check it really is one")
     pull.add_argument("repo_id")
     pull.add_argument("--revision")
-    pull.add_argument("--cache-dir")
+    pull.add_argument("--cache-dir", type=folder_path)
     pull.set_defaults(func=_pull)
     sub.add_parser("quantize", help="quantize a model to 4-bit and publish it (see --help)", add_help=False)
     return parser
@@ -87,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["quantize"]:
         return _quantize(argv[1:])
     args = build_parser().parse_args(argv)
-    from hf_fastvision.errors import FastVisionError
-
     try:
         return int(args.func(args) or 0)
-    except FastVisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FastVisionError, ValueError) as exc:  # bad input, named with its fix: no traceback
+        from hf_fastvision.hub import _secrets, scrub
+
+        print(f"error: {scrub(str(exc), _secrets())}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ saved, reloaded onto a fresh 4-bit base and asked about a new image.
 
 from __future__ import annotations
 
+import numbers
 import random
 import tempfile
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+
+from hf_fastvision.errors import InvalidArgumentError
 
 __all__ = ["COLOURS", "make_example", "embedded_model_path", "evaluate", "train", "run_demo"]
 
@@ -113,6 +116,15 @@ def train(model: Any, processor: Any, *, steps: int, batch_size: int, lr: float,
     return losses
 
 
+def _positive(name: str, value: Any, default: int) -> int:
+    """`value`, or `default` when None; anything but a positive int is refused before the model loads."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise InvalidArgumentError.positive_int(name, value, default)
+    return int(value)
+
+
 def run_demo(
     steps: int | None = None,
     seed: int = 0,
@@ -124,9 +136,14 @@ def run_demo(
     from peft import PeftModel
 
     from hf_fastvision import FastVisionModel
+    from hf_fastvision.training.saving import save_adapter
 
-    steps = steps or (100 if quick else 200)
-    eval_size = eval_size or (24 if quick else 60)
+    steps = _positive("steps", steps, 100 if quick else 200)
+    eval_size = _positive("eval_size", eval_size, 24 if quick else 60)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InvalidArgumentError.non_negative_int("seed", seed, 0)
+    if output_dir is not None and Path(output_dir).is_file():
+        raise InvalidArgumentError.not_a_folder("output_dir", str(output_dir))
     torch.manual_seed(seed)
     device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"hf_fastvision demo on {device}: teach a tiny 4-bit vision-language model to name colours")
@@ -142,7 +159,7 @@ def run_demo(
     print(f"accuracy after {steps} steps ({time.perf_counter() - t0:.0f} s, loss {losses[0]:.2f} → {losses[-1]:.2f}): {after:.0%}")
 
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="hf_fastvision_demo_"))
-    model.save_pretrained(out / "adapter")
+    save_adapter(model, out / "adapter")  # through the safe writer: the user's files in output_dir are kept
     print(f"adapter saved to {out / 'adapter'}")
     base, processor2 = FastVisionModel.from_pretrained(str(path), max_seq_length=256)
     reloaded = PeftModel.from_pretrained(base, out / "adapter")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import warnings
 from typing import Any
 
 import torch
 
 from hf_fastvision.auto import AutoFastVisionModel
+from hf_fastvision.errors import InvalidArgumentError
 from hf_fastvision.loading import get_load_info, load_model
 from hf_fastvision.options import options_from_flags
 from hf_fastvision.processor import load_processor
@@ -16,6 +19,36 @@ from hf_fastvision.registry import get_arch
 __all__ = ["FastVisionModel"]
 
 _PROCESSOR_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "trust_remote_code")
+
+
+def _check_max_seq_length(max_seq_length: Any) -> None:
+    """A positive int (or None, no limit); anything else is refused before loading."""
+    if max_seq_length is None:
+        return
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, numbers.Integral) or max_seq_length <= 0:
+        raise InvalidArgumentError.positive_int("max_seq_length", max_seq_length, 2048)
+
+
+def _warn_past_positions(config: Any, max_seq_length: int | None) -> None:
+    """Warn when `max_seq_length` exceeds the language model's `max_position_embeddings`."""
+    if max_seq_length is None:
+        return
+    text = None
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config", None)
+    except Exception:  # heterogeneous configs (Gemma 4) may refuse some attribute reads
+        text = getattr(config, "text_config", None)
+    positions = None
+    for cfg in (text, config):
+        try:
+            positions = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+        except Exception:
+            positions = None
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            break
+        positions = None
+    if positions is not None and max_seq_length > positions:
+        warnings.warn(InvalidArgumentError.long_sequence_warning(int(max_seq_length), positions), UserWarning, stacklevel=3)
 
 
 class FastVisionModel:
@@ -42,7 +75,8 @@ class FastVisionModel:
 
         Extra keyword arguments: `max_image_size` (longest image side in pixels: the processor's resolution
         bound, the biggest memory lever), `keep_vision_16bit`, `keep_modules`, `use_exact_model_name`,
-        `quant_type`, `double_quant`, `quant_storage`, and transformers' own `revision`, `cache_dir`,
+        `quant_type`, `double_quant`, `quant_storage`, `init_missing` (module prefixes, e.g. ``("lm_head",)``,
+        whose tensors a checkpoint may lack: they are freshly initialised), and transformers' own `revision`, `cache_dir`,
         `local_files_only`, `attn_implementation`, `quantization_config` (which wins over the built-in plan).
 
         ``fast_inference=True`` attaches ``model.fast_generate`` (static KV cache of ``max_seq_length``, decode step
@@ -52,9 +86,9 @@ class FastVisionModel:
         """
         if not 0.0 < float(gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if max_seq_length is not None and int(max_seq_length) <= 0:
-            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+        _check_max_seq_length(max_seq_length)
         max_image_size = kwargs.pop("max_image_size", None)
+        init_missing = kwargs.pop("init_missing", ())
         kwargs["token"] = token
         kwargs["trust_remote_code"] = trust_remote_code
         options = options_from_flags(
@@ -67,6 +101,7 @@ class FastVisionModel:
             use_gradient_checkpointing=use_gradient_checkpointing,
             kwargs=kwargs,
         )
+        options.init_missing = init_missing
         model = load_model(model_name, options, AutoFastVisionModel._model_mapping)
         info = get_load_info(model)
         assert info is not None
@@ -81,6 +116,7 @@ class FastVisionModel:
             max_image_size=max_image_size,
             **processor_kwargs,
         )
+        _warn_past_positions(model.config, max_seq_length)
         model.max_seq_length = max_seq_length
         model._hf_fastvision_processor = processor  # for_training / for_inference switch its padding side
         if fast_inference:

@@ -19,7 +19,10 @@ Safety rules, each enforced here:
   lie), nor over an existing repo whose README `base_model` or config `model_type` differs, unless `force=True`;
 - all files land in one commit made against the branch head read before (compare-and-swap), so a failure
   mid-upload leaves no partial commit, and a retry re-sends only what the server does not have;
-- repo ids are checked with huggingface_hub's validator before any work.
+- repo ids are checked with huggingface_hub's validator before any work;
+- every push is preflighted before anything is saved, loaded or uploaded (`preflight_write`): a token must be
+  present (`MissingTokenError`), and the server's whoami must not show it rejected, read-only, or belonging to a
+  user who is neither the target namespace nor a member of it (`RefusedPushError`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hf_fastvision.errors import (
     HubError,
     HubOperationError,
     InvalidRepoIdError,
+    MissingTokenError,
     ModelNotFoundError,
     NotA4bitCheckpointError,
     RefusedPushError,
@@ -57,6 +61,7 @@ __all__ = [
     "push_folder",
     "pull",
     "check_destination",
+    "preflight_write",
     "copy_source_files",
     "source_files_dir",
     "attach_push_to_hub",
@@ -73,6 +78,7 @@ __all__ = [
     "RefusedPushError",
     "NotA4bitCheckpointError",
     "HubOperationError",
+    "MissingTokenError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -307,6 +313,95 @@ def _require_online(repo_id: str) -> None:
         raise HubOperationError(f"Cannot publish {repo_id}: HF_HUB_OFFLINE=1 is set. Unset it to push.")
 
 
+def _token_source(token: str | None) -> tuple[str | None, str]:
+    """(the token a write would send, where it comes from): `token=`, else HF_TOKEN or the stored login."""
+    if isinstance(token, str) and token.strip():
+        return token.strip(), "token="
+    from huggingface_hub import get_token
+
+    found = get_token()
+    env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return found, ("HF_TOKEN" if found and env and found == env.strip() else "the stored login (`hf auth login`)")
+
+
+def _writable_namespaces(fine_grained: Any, namespace: str, repo_id: str) -> tuple[bool | None, list[str]]:
+    """(may a fine-grained token write to `repo_id`: None when its permissions are not listed, names it may write)."""
+    if not isinstance(fine_grained, dict):
+        return None, []
+    scoped = fine_grained.get("scoped")
+    if isinstance(fine_grained.get("global"), list) and "repo.write" in fine_grained["global"]:
+        return True, []
+    if not isinstance(scoped, list):
+        return None, []
+    writable = []
+    for entry in scoped:
+        entity = entry.get("entity") if isinstance(entry, dict) else None
+        name = entity.get("name") if isinstance(entity, dict) else None
+        permissions = entry.get("permissions") if isinstance(entry, dict) else None
+        if isinstance(name, str) and isinstance(permissions, list) and "repo.write" in permissions:
+            writable.append(name)
+    wanted = {namespace.casefold(), repo_id.casefold()}
+    return any(w.casefold() in wanted for w in writable), writable
+
+
+def _preflight_write(repo_id: str, token: str | None) -> None:
+    """A token is present and, as far as the server's whoami says, allowed to write to `repo_id`'s namespace.
+
+    Order: token present (local) -> online -> whoami. Refuses only on clear evidence: no token, a token the server
+    rejects (401), a read-only token, a fine-grained token listing no write access there, or a namespace that is
+    neither the user nor one of the organizations whoami lists. A server without whoami, or one that leaves
+    fields out, lets the push go on (the write itself is still authenticated).
+    """
+    resolved, source = _token_source(token)
+    if not resolved:
+        raise MissingTokenError.no_token(repo_id)
+    _require_online(repo_id)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        me = _api(resolved).whoami()
+    except HfHubHTTPError as exc:
+        status, _ = _status(exc)
+        if status == 401:
+            raise MissingTokenError.rejected(repo_id, source) from None
+        logger.debug("whoami unavailable (%s): write access to %s not checked in advance", status, repo_id)
+        return
+    except Exception as exc:  # a server that cannot answer whoami: the write itself will tell
+        logger.debug("whoami failed (%s): write access to %s not checked in advance", type(exc).__name__, repo_id)
+        return
+    if not isinstance(me, dict):
+        return
+    user = me.get("name") if isinstance(me.get("name"), str) else None
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else user
+    if namespace is None:
+        return
+    auth = me.get("auth") if isinstance(me.get("auth"), dict) else {}
+    access = auth.get("accessToken") if isinstance(auth.get("accessToken"), dict) else {}
+    role = access.get("role")
+    if role == "read":
+        raise RefusedPushError.read_only_token(repo_id, namespace)
+    if role == "fineGrained":
+        allowed, writable = _writable_namespaces(access.get("fineGrained"), namespace, repo_id)
+        if allowed is False:
+            raise RefusedPushError.no_write_permission(repo_id, namespace, writable)
+    orgs = me.get("orgs")
+    if user is None or not isinstance(orgs, list):
+        return
+    org_names = [o["name"] for o in orgs if isinstance(o, dict) and isinstance(o.get("name"), str)]
+    if namespace.casefold() not in {n.casefold() for n in (user, *org_names)}:
+        raise RefusedPushError.foreign_namespace(repo_id, namespace, user, org_names)
+
+
+@_guard("check write access to")
+def preflight_write(repo_id: str, token: str | None = None) -> None:
+    """Refuse early a push that cannot succeed: no token, a rejected or read-only token, or a namespace the token's
+    user may not write to (`MissingTokenError` / `RefusedPushError`). Reads only; the token never appears in an
+    error. `push_4bit`, `push_folder`, `check_destination` and the model's `push_to_hub` call it before any work.
+    """
+    validate_repo_id(repo_id)
+    _preflight_write(repo_id, token)
+
+
 def _inspect_target(api: Any, repo_id: str, revision: str | None) -> _Target:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -384,7 +479,7 @@ def check_destination(
     The `quantize` command calls it before loading any weights, so a refused push fails in seconds.
     """
     validate_repo_id(repo_id)
-    _require_online(repo_id)
+    _preflight_write(repo_id, token)
     api = _api(token)
     _check_target(api, _inspect_target(api, repo_id, revision), base_model, model_type, force)
 
@@ -491,7 +586,7 @@ def push_folder(
     except NotA4bitCheckpointError as exc:
         _check_quantized(repo_id, False, force, f"folder {root} ({exc})")
         info = None
-    _require_online(repo_id)
+    _preflight_write(repo_id, token)
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     base = base_model or _front_matter(root / "README.md").get("base_model")
     base = base if isinstance(base, str) else None
@@ -615,7 +710,7 @@ def push_4bit(
         )
     quantized = is_4bit_model(model)
     _check_quantized(repo_id, quantized, force, f"{type(model).__name__}")
-    _require_online(repo_id)
+    _preflight_write(repo_id, token)  # before the card, the save or any upload
     base, source_meta = _base_model_of(model, token)
     base = base_model or base
     model_type = getattr(model.config, "model_type", None)
@@ -678,6 +773,7 @@ def _push_to_hub(
     validate_repo_id(repo_id)
     if _SAYS_QUANTIZED_RE.search(repo_id) and not force:
         _check_quantized(repo_id, False, False, type(self).__name__)
+    _preflight_write(repo_id, token)
     return type(self).push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
                                   private=private, token=token, revision=revision, create_pr=create_pr,
                                   max_shard_size=max_shard_size, tags=list(tags) if tags else None)

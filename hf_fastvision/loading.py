@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,26 @@ from typing import Any
 import torch
 
 from hf_fastvision import allocator
+from hf_fastvision.checkpoint_check import (
+    check_index,
+    check_tensors,
+    check_weights_present,
+    init_missing_prefixes,
+    read_header,
+    weight_files,
+)
 from hf_fastvision.errors import ConflictingOptionsError, CorruptCheckpointError, ModelNotFoundError, NotAVisionModelError
+from hf_fastvision.errors import InvalidArgumentError
+from hf_fastvision.errors import CheckpointConfigError, HubUnreachableError
 from hf_fastvision.quantization import QuantPlan, build_plan, meta_model, require_bitsandbytes
 from hf_fastvision.registry import ArchSpec, get_arch
 from hf_fastvision.resolve import Resolution, is_offline, resolve
 
-__all__ = ["LoadOptions", "LoadInfo", "load_model", "load_config", "get_load_info", "default_dtype", "plan_for"]
+__all__ = [
+    "LoadOptions", "LoadInfo", "load_model", "load_config", "get_load_info", "default_dtype", "plan_for",
+    "check_device_map", "available_devices", "COMPUTE_DTYPES", "STORAGE_DTYPES",
+    "diagnose_config", "verify_safetensors", "check_checkpoint",
+]
 
 _PASS_THROUGH = ("token", "revision", "cache_dir", "local_files_only", "trust_remote_code", "attn_implementation")
 
@@ -51,12 +65,15 @@ class LoadOptions:
     use_gradient_checkpointing: Any = "unsloth"
     patches: Any = True
     """Fused-kernel patches: True (all the spec supports), False, or a dict of `PatchOptions` flags."""
+    init_missing: tuple[str, ...] | bool = ()
+    """Module-name prefixes (e.g. ("lm_head",)) whose tensors may be missing from the checkpoint and are then
+    freshly initialised; True allows any. Otherwise a checkpoint lacking a tensor the model needs is refused."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Pass-through kwargs for transformers (token, revision, cache_dir, local_files_only, ...)."""
 
     @property
     def default_4bit(self) -> bool:
-        return self.quant_type == "nf4" and self.double_quant and _dtype(self.quant_storage) == torch.uint8
+        return self.quant_type == "nf4" and self.double_quant and _dtype(self.quant_storage, STORAGE_DTYPES) == torch.uint8
 
 
 @dataclass(frozen=True)
@@ -79,14 +96,31 @@ class LoadInfo:
         }
 
 
-def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value == "auto":
+COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+"""Compute / 16-bit weight dtypes a model may be loaded in (16- and 32-bit floating types)."""
+STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+"""Storage dtypes of packed 4-bit weights: uint8 (the default), or the compute dtype for FSDP."""
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    return [str(d).removeprefix("torch.") for d in dtypes]
+
+
+def _dtype(value: torch.dtype | str | None, allowed: tuple[torch.dtype, ...] = COMPUTE_DTYPES) -> torch.dtype | None:
+    """`value` (a torch dtype, its name, "auto" or None) as a torch dtype from `allowed`; None for the default.
+
+    Anything else (integer or float8 types, float64, a misspelt name) is an `InvalidArgumentError` listing the
+    valid names. `allowed` is `COMPUTE_DTYPES` for `dtype=`, `STORAGE_DTYPES` for `quant_storage=`.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
-    resolved = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype or one of 'bfloat16', 'float16', 'float32'; got {value!r}")
+    resolved: Any = value
+    if isinstance(value, str):
+        resolved = getattr(torch, value.strip().removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or resolved not in allowed:
+        if allowed == STORAGE_DTYPES:
+            raise InvalidArgumentError.storage_dtype(value, _names(allowed))
+        raise InvalidArgumentError.compute_dtype(value, _names(allowed))
     return resolved
 
 
@@ -100,8 +134,66 @@ def default_dtype(dtype: torch.dtype | str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def available_devices() -> list[str]:
+    """The devices this process can place weights on: "cpu", then each CUDA (or MPS / XPU) device."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return devices
+
+
+def _is_device(value: Any, available: list[str], *, in_dict: bool) -> bool:
+    """Whether `value` names a device of this machine ("disk" too, inside a dict)."""
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 <= value < sum(d.startswith(("cuda:", "xpu:")) for d in available)
+    if not isinstance(value, str):
+        return False
+    name = value.strip().lower()
+    if name == "cpu" or (in_dict and name == "disk"):
+        return True
+    kind, _, index = name.partition(":")
+    if kind == "mps":
+        return not index and "mps" in available
+    return kind in ("cuda", "xpu") and (not index or index.isdigit()) and f"{kind}:{int(index or 0)}" in available
+
+
+def check_device_map(device_map: Any) -> None:
+    """Refuse a device map naming devices this machine lacks, before anything is loaded.
+
+    Accepted: None, a strategy ("auto", "sequential", "balanced", "balanced_low_0"), a device ("cpu", "cuda",
+    "cuda:N", a GPU index, a `torch.device`), or a dict of module names to devices / "cpu" / "disk" / GPU indices.
+    """
+    if device_map is None or (isinstance(device_map, str) and device_map in InvalidArgumentError.STRATEGIES):
+        return
+    available = available_devices()
+    if isinstance(device_map, dict):
+        for key, value in device_map.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentError.device_map(device_map, key, available, key=key)
+            if not _is_device(value, available, in_dict=True):
+                shown = str(value) if isinstance(value, torch.device) else value
+                raise InvalidArgumentError.device_map(device_map, shown, available, key=key)
+        return
+    if not _is_device(device_map, available, in_dict=False):
+        shown = str(device_map) if isinstance(device_map, torch.device) else device_map
+        raise InvalidArgumentError.device_map(device_map, shown, available)
+
+
 def default_device_map(device_map: Any) -> Any:
-    """Under torchrun/accelerate each rank loads on its own GPU; without CUDA everything is on the CPU."""
+    """Under torchrun/accelerate each rank loads on its own GPU; without CUDA everything is on the CPU.
+
+    The map is checked first (`check_device_map`): one naming a device this machine lacks is refused."""
+    check_device_map(device_map)
     if device_map not in ("sequential", None):
         return device_map
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
@@ -118,20 +210,136 @@ def _hub_error_types() -> tuple[type[BaseException], ...]:
     return tuple(getattr(hub_errors, n) for n in names if hasattr(hub_errors, n))
 
 
+_NETWORK_ERRORS = frozenset(
+    {
+        "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+        "NetworkError", "ProxyError", "SSLError", "ConnectionError", "Timeout", "OfflineModeIsEnabled",
+        "UnsupportedProtocol",
+    }
+)
+
+
+def _network_failure(exc: BaseException) -> BaseException | None:
+    """The connection error or timeout somewhere in `exc`'s cause chain (httpx, requests or the socket layer)."""
+    import socket
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError, socket.gaierror)) or any(
+            c.__name__ in _NETWORK_ERRORS for c in type(current).__mro__
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _remote_code_files(auto_map: dict[str, Any]) -> list[str]:
+    """The module files an `auto_map` names in the checkpoint's own folder (not code of another repo)."""
+    refs: list[str] = []
+    for value in auto_map.values():
+        refs.extend(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str))
+    return sorted({ref.rsplit(".", 1)[0].replace(".", "/") + ".py" for ref in refs if "--" not in ref and "." in ref})
+
+
+def diagnose_config(path: Path, name: str, *, trust_remote_code: bool, local: bool) -> dict[str, Any]:
+    """Read config.json ourselves so a broken one is named precisely: invalid JSON (line, column), no or unknown
+    `model_type`, remote code not trusted or (in a local folder) its module files absent. Returns the parsed dict."""
+    import difflib
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointConfigError.invalid_json(str(path), exc.lineno, exc.colno, exc.msg) from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointConfigError.invalid_json(str(path), 1, exc.start + 1, f"not UTF-8 text ({exc.reason})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointConfigError.not_an_object(str(path), type(data).__name__)
+    model_type, auto_map = data.get("model_type"), data.get("auto_map")
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if isinstance(auto_map, dict) and auto_map:
+        if not trust_remote_code and not known:
+            raise CheckpointConfigError.remote_code_needed(name, [f"{k}: {v}" for k, v in sorted(auto_map.items())])
+        if trust_remote_code and local:
+            missing = [f for f in _remote_code_files(auto_map) if not (path.parent / f).is_file()]
+            if missing:
+                raise CheckpointConfigError.remote_code_missing(name, str(path.parent), missing)
+        return data
+    if not model_type:
+        raise CheckpointConfigError.no_model_type(str(path))
+    if not known:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+        raise CheckpointConfigError.unknown_model_type(name, str(model_type), close, transformers.__version__)
+    return data
+
+
+def _cached_config(resolution: Resolution, extra: dict[str, Any]) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(
+            resolution.name, "config.json", cache_dir=extra.get("cache_dir"), revision=resolution.revision
+        )
+    except Exception:
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _config_failure(resolution: Resolution, extra: dict[str, Any], exc: BaseException) -> Exception:
+    """The error naming the fix for an AutoConfig failure (`exc`)."""
+    import difflib
+
+    import transformers
+
+    trust = bool(extra.get("trust_remote_code"))
+    if not resolution.local and not resolution.offline and (net := _network_failure(exc)) is not None:
+        from huggingface_hub import constants
+
+        return HubUnreachableError(resolution.requested, str(constants.ENDPOINT), f"{type(net).__name__}: {net}")
+    if not resolution.local and (cached := _cached_config(resolution, extra)) is not None:
+        try:  # downloaded before AutoConfig failed on it
+            diagnose_config(cached, resolution.requested, trust_remote_code=trust, local=False)
+        except CheckpointConfigError as diagnosed:
+            return diagnosed
+    text = str(exc)
+    if isinstance(exc, ValueError) and (m := re.search(r"model type `([^`]+)`", text)):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        close = difflib.get_close_matches(m.group(1), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+        return CheckpointConfigError.unknown_model_type(resolution.requested, m.group(1), close, transformers.__version__)
+    if isinstance(exc, ValueError) and "trust_remote_code" in text:
+        return CheckpointConfigError.remote_code_needed(resolution.requested, ["the repo's own code"])
+    if resolution.local:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return CheckpointConfigError.rejected(
+            str(Path(resolution.name) / "config.json"), transformers.__version__, f"{type(exc).__name__}: {first}"
+        )
+    return ModelNotFoundError.unknown_id(
+        resolution.requested,
+        offline=resolution.offline,
+        detail=type(exc).__name__,
+        local_files_only=bool(extra.get("local_files_only")),
+    )
+
+
 def load_config(resolution: Resolution, extra: dict[str, Any]) -> Any:
-    """AutoConfig for the resolved checkpoint, with hub failures turned into `ModelNotFoundError`."""
+    """AutoConfig for the resolved checkpoint; a failure becomes the error that names its fix (`errors`)."""
     from transformers import AutoConfig
 
     kwargs = {k: extra[k] for k in ("token", "revision", "cache_dir", "local_files_only", "trust_remote_code") if k in extra}
+    trust = bool(extra.get("trust_remote_code"))
+    if resolution.local:
+        diagnose_config(Path(resolution.name) / "config.json", resolution.requested, trust_remote_code=trust, local=True)
+    elif (resolution.offline or extra.get("local_files_only")) and (cached := _cached_config(resolution, extra)):
+        diagnose_config(cached, resolution.requested, trust_remote_code=trust, local=False)
     try:
         return AutoConfig.from_pretrained(resolution.name, **kwargs)
     except (OSError, ValueError, *_hub_error_types()) as exc:
-        if isinstance(exc, ValueError) and "model_type" in str(exc):
-            raise ModelNotFoundError(
-                f"{resolution.requested!r} has a config.json transformers does not recognise ({exc}). Upgrade "
-                "transformers, or pass trust_remote_code=True for a repo with its own modeling code."
-            ) from exc
-        raise ModelNotFoundError.unknown_id(resolution.requested, offline=resolution.offline, detail=type(exc).__name__) from exc
+        raise _config_failure(resolution, extra, exc) from exc
 
 
 def _suggest_auto_class(config: Any) -> str:
@@ -167,24 +375,37 @@ def checkpoint_dir(resolution: Resolution, extra: dict[str, Any]) -> Path | None
     return Path(found).parent if isinstance(found, str) else None
 
 
-def verify_safetensors(folder: Path) -> None:
-    """Check every *.safetensors header and length; a truncated download fails here, before any loading."""
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise CorruptCheckpointError(str(path), f"{size} bytes, shorter than a safetensors header")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8:
-                    raise CorruptCheckpointError(str(path), f"header claims {n} bytes, file has {size - 8}")
-                header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(str(path), f"unreadable header: {exc}") from exc
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise CorruptCheckpointError(str(path), f"{size} bytes on disk, {8 + n + end} expected")
+def verify_safetensors(folder: Path, require_shards: bool = True) -> dict[Path, dict[str, Any]]:
+    """Check the shard index (valid JSON; with `require_shards`, every shard it names is present) and every
+    *.safetensors header and length: a truncated or partial download fails here, before any loading. Returns the
+    headers read, by file."""
+    check_index(folder, require_shards=require_shards)
+    return {path: read_header(path) for path in sorted(folder.glob("*.safetensors"))}
+
+
+def check_checkpoint(folder: Path, resolution: Resolution, options: LoadOptions, meta: Any) -> None:
+    """Everything that can be checked before a weight is read: weights present (local folder), shard index and
+    headers intact, and every tensor's shape against the meta-device model; missing tensors are refused unless
+    `options.init_missing` names them (`checkpoint_check`)."""
+    extra = options.extra
+    complete = resolution.local or resolution.offline or bool(extra.get("local_files_only"))
+    if any(extra.get(k) for k in ("subfolder", "gguf_file", "variant")):
+        verify_safetensors(folder, require_shards=False)  # weights elsewhere or named otherwise: headers only
+        return
+    if resolution.local:
+        check_weights_present(folder)
+    headers = verify_safetensors(folder, require_shards=complete)
+    files = weight_files(folder)
+    if files is None:
+        return  # not all on disk yet (downloaded by transformers) or not safetensors
+    check_tensors(
+        meta,
+        folder,
+        {f: headers[f] if f in headers else read_header(f) for f in files},
+        init_missing=init_missing_prefixes(options.init_missing),
+        check_shapes=not extra.get("ignore_mismatched_sizes"),
+        key_mapping=extra.get("key_mapping"),
+    )
 
 
 def _prequantized(config: Any) -> bool:
@@ -196,8 +417,12 @@ def _prequantized(config: Any) -> bool:
 
 
 def _validate(options: LoadOptions) -> None:
+    """Every option that can be checked without the config, before any file is read."""
     if options.bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {options.bits!r}")
+    _dtype(options.dtype)
+    _dtype(options.quant_storage, STORAGE_DTYPES)
+    check_device_map(options.device_map)
     if options.quantization_config is not None and options.bits == 16:
         raise ConflictingOptionsError(
             ["quantization_config", "load_in_16bit"], "a quantization_config asks for quantized weights; drop one."
@@ -221,7 +446,7 @@ def plan_for(
         compute_dtype=dtype,
         quant_type=options.quant_type,
         double_quant=options.double_quant,
-        quant_storage=_dtype(options.quant_storage) or torch.uint8,
+        quant_storage=_dtype(options.quant_storage, STORAGE_DTYPES) or torch.uint8,
         keep_vision_16bit=options.keep_vision_16bit,
         keep=options.keep_modules,
     )
@@ -303,7 +528,7 @@ def load_model(name: str | os.PathLike[str], options: LoadOptions, mapping: Any)
 
     folder = checkpoint_dir(resolution, options.extra)
     if folder is not None:
-        verify_safetensors(folder)
+        check_checkpoint(folder, resolution, options, meta)
 
     kwargs: dict[str, Any] = {k: options.extra[k] for k in _PASS_THROUGH if k in options.extra}
     kwargs.pop("revision", None)

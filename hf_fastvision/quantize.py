@@ -24,11 +24,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hf_fastvision.errors import ConflictingOptionsError, FastVisionError
+from hf_fastvision.writer import SafeWriter
 
 __all__ = [
     "PROMPT",
@@ -43,20 +45,16 @@ __all__ = [
     "main",
     "QuantizeResult",
     "VerificationError",
-    "OutputExistsError",
 ]
 
 PROMPT = "Describe this image in one sentence."
 DTYPES = ("bfloat16", "float16", "float32")
+_QUANTIZED_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "README.md")
 STAGES = ("load 16-bit", "reference logits", "quantize", "save", "reload + verify", "card", "publish")
 
 
 class VerificationError(FastVisionError, RuntimeError):
     """The checkpoint written to disk does not reproduce the in-memory 4-bit model."""
-
-
-class OutputExistsError(FastVisionError, FileExistsError):
-    """--local-dir names a folder that already holds files."""
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -259,22 +257,6 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _check_local_dir(local_dir: Path, force: bool) -> None:
-    if local_dir.exists() and (not local_dir.is_dir() or any(local_dir.iterdir())) and not force:
-        raise OutputExistsError(f"--local-dir {local_dir} already holds files; choose an empty folder or pass --force.")
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Replace `dest` by `tmp` with renames only (same filesystem): never a half-written `dest`."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
 def quantize_and_publish(
     source: str,
     repo_id: str | None = None,
@@ -311,9 +293,10 @@ def quantize_and_publish(
         raise ValueError("Give a repo id to push to, or local_dir= to write the folder without pushing.")
     if repo_id is not None:
         hub.validate_repo_id(repo_id)
-    dest = Path(local_dir).expanduser().resolve() if local_dir is not None else None
-    if dest is not None:
-        _check_local_dir(dest, force)
+    # --local-dir goes through the safe writer: protected places and clashes with the user's files are refused now
+    writer = (SafeWriter(local_dir, kind="quantized_4bit", overwrite=force, expected=_QUANTIZED_FILES)
+              if local_dir is not None else None)
+    dest = writer.dest if writer is not None else None
     plan_info = plan_quantization(source, source_revision=source_revision, quant_type=quant_type,
                                   double_quant=double_quant, keep=keep, keep_vision_16bit=keep_vision_16bit,
                                   compute_dtype=compute_dtype, token=token)
@@ -330,6 +313,7 @@ def quantize_and_publish(
     def stage(name: str) -> None:
         bar.set_postfix_str(name)
 
+    stack = ExitStack()
     try:
         stage(STAGES[0])
         load = dict(dtype=plan_info["compute_dtype"], **_load_kwargs(token, source_revision))
@@ -361,11 +345,11 @@ def quantize_and_publish(
         bar.update()
 
         stage(STAGES[3])
-        parent = dest.parent if dest is not None else None
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
         name = dest.name if dest is not None else "quantized"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent))
+        if writer is not None:
+            tmp = stack.enter_context(writer).tmp
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-"))
         model4.save_pretrained(tmp, max_shard_size=max_shard_size)
         hub.copy_source_files(src_dir, tmp)
         del model4
@@ -397,8 +381,8 @@ def quantize_and_publish(
 
         stage(STAGES[6])
         commit = None
-        if dest is not None:
-            _move_into_place(tmp, dest)
+        if writer is not None:
+            stack.close()  # publishes the verified folder (atomic replace of an earlier save)
             folder, tmp = str(dest), None
         else:
             assert repo_id is not None
@@ -410,13 +394,64 @@ def quantize_and_publish(
         return QuantizeResult(source=source, repo_id=repo_id, revision=revision, folder=folder, commit=commit,
                               plan=plan.summary(), checkpoint=checkpoint, size_16bit=size_16bit, logit_error=error,
                               reload_identical=True, logits=logits)
+    except BaseException:
+        stack.__exit__(*sys.exc_info())  # the writer discards its temporary folder; nothing is published
+        raise
     finally:
         bar.close()
-        if tmp is not None:
+        if tmp is not None and writer is None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------- command
+def _typed(check: Any) -> Any:
+    """An argparse `type=` from a check raising one of our errors: argparse prints the message and exits 2."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except FastVisionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _module_pattern(text: str) -> str:
+    """`--keep`: a regex that compiles (kept as text; the plan compiles it again)."""
+    import re
+
+    from hf_fastvision.errors import InvalidArgumentError
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise InvalidArgumentError.bad_regex("--keep", text, str(exc)) from None
+    return text
+
+
+def _shard_size(text: str) -> int | str:
+    """`--max-shard-size`: a positive number of bytes, or a size with a KB/MB/GB/TB unit (e.g. "500MB")."""
+    import re
+
+    from hf_fastvision.errors import InvalidArgumentError
+
+    value = text.strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]B)", value, flags=re.IGNORECASE)
+    if m is None or float(m.group(1)) <= 0:
+        raise InvalidArgumentError.shard_size(text)
+    return f"{m.group(1)}{m.group(2).upper()}"
+
+
+def _hub_id(text: str) -> str:
+    """`--base-model`: a repo id the Hub accepts."""
+    from hf_fastvision.hub import validate_repo_id
+
+    return validate_repo_id(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-fastvision quantize",
@@ -428,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", nargs="?", help="Hub repo to publish to (e.g. you/Model-bnb-4bit)")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="quantize without double quant")
-    p.add_argument("--keep", action="append", default=[], metavar="MODULE_PATTERN",
+    p.add_argument("--keep", action="append", default=[], metavar="MODULE_PATTERN", type=_typed(_module_pattern),
                    help="regex of module paths to keep in 16-bit (repeatable)")
     p.add_argument("--keep-vision-16bit", action="store_true", help="keep the whole vision tower in 16-bit")
     p.add_argument("--compute-dtype", choices=DTYPES, default=None,
@@ -436,12 +471,13 @@ def _parser() -> argparse.ArgumentParser:
                    "float32 on CPU)")
     p.add_argument("--source-revision", default=None, help="revision of SOURCE to load")
     p.add_argument("--revision", default=None, help="branch to publish to (created if missing; default main)")
-    p.add_argument("--base-model", default=None,
+    p.add_argument("--base-model", default=None, type=_typed(_hub_id),
                    help="Hub id of the 16-bit model, for the card (default: SOURCE if it is a Hub id)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--commit-message", default=None)
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", default="5GB", type=_typed(_shard_size),
+                   help="largest weight file: bytes, or a size with a unit (KB, MB, GB, TB), e.g. 500MB (default 5GB)")
     p.add_argument("--local-dir", default=None, metavar="DIR", help="write the verified folder to DIR instead of pushing")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights are loaded)")
     p.add_argument("--force", action="store_true",

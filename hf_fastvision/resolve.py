@@ -6,6 +6,7 @@ The mapping from official ids to public `*-bnb-4bit` repos is data (`data/prequa
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -13,9 +14,18 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from hf_fastvision import writer
 from hf_fastvision.errors import ModelNotFoundError
 
-__all__ = ["Resolution", "resolve", "prequantized_twin", "source_of_twin", "is_offline", "in_cache"]
+__all__ = [
+    "Resolution",
+    "resolve",
+    "prequantized_twin",
+    "source_of_twin",
+    "is_offline",
+    "in_cache",
+    "local_close_matches",
+]
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -86,6 +96,38 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def local_close_matches(path: Path) -> tuple[str, list[str]]:
+    """(folder, names): close matches of the first missing component of `path` among its existing parent's folders."""
+    parts = path.parts
+    base = Path(parts[0]) if path.is_absolute() else Path(".")
+    rest = parts[1:] if path.is_absolute() else parts
+    for i, part in enumerate(rest):
+        nxt = base / part
+        if not nxt.exists():
+            try:
+                siblings = [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            except OSError:
+                return str(base), []
+            close = [base / c for c in difflib.get_close_matches(part, siblings, n=3, cutoff=0.6)]
+            deeper = [c.joinpath(*rest[i + 1 :]) for c in close]
+            return str(base), [str(d if d.exists() else c) for c, d in zip(close, deeper)]
+        base = nxt
+    return str(base), []
+
+
+def _invalid_hub_id(name: str) -> str | None:
+    """Why `name` is not a Hub repo id, or None when it is one."""
+    try:
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:  # pragma: no cover - very old hub
+        return None
+    try:
+        validate_repo_id(name)
+    except Exception as exc:  # HFValidationError
+        return str(exc).split("\n")[0]
+    return None
+
+
 def resolve(
     name: str | os.PathLike[str],
     *,
@@ -101,12 +143,19 @@ def resolve(
     requested = os.fspath(name)
     offline = is_offline()
     path = Path(requested).expanduser()
+    writer.recover(path)  # finish a save of ours that was interrupted between its renames (cheap when none was)
     if path.is_dir():
+        writer.check_manifest(path)
         if not (path / "config.json").is_file():
             raise ModelNotFoundError.not_a_checkpoint(requested)
         return Resolution(requested, str(path.resolve()), None, True, "local folder", offline)
-    if _looks_like_path(requested) or path.exists():
-        raise ModelNotFoundError.missing_folder(requested)
+    if path.exists():
+        raise ModelNotFoundError.is_a_file(requested, str(path.parent))
+    if _looks_like_path(requested) or isinstance(name, os.PathLike):
+        where, close = local_close_matches(path)
+        raise ModelNotFoundError.missing_folder(requested, close, where)
+    if (why := _invalid_hub_id(requested)) is not None:
+        raise ModelNotFoundError.invalid_id(requested, why)
 
     target, reason = requested, "as given"
     if use_exact_model_name:
@@ -119,8 +168,10 @@ def resolve(
         else:
             target, reason = twin, "pre-quantized bnb-4bit twin of the requested model"
     elif want_16bit and (source := source_of_twin(requested)):
+        if offline and not in_cache(source, revision, cache_dir):
+            raise ModelNotFoundError.source_not_cached(requested, source, in_cache(requested, revision, cache_dir))
         target, reason = source, "16-bit source of the requested 4-bit repo"
 
     if offline and not in_cache(target, revision, cache_dir):
-        raise ModelNotFoundError.unknown_id(requested, offline=True)
+        raise ModelNotFoundError.unknown_id(requested, offline=True, close=local_close_matches(path)[1])
     return Resolution(requested, target, revision, False, reason, offline)

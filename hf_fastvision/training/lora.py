@@ -7,7 +7,11 @@ LoRA weights are fp32.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from hf_fastvision import allocator
+from hf_fastvision.errors import InvalidArgumentError
 from hf_fastvision.loading import get_load_info
 from hf_fastvision.processor import set_padding_side
 from hf_fastvision.quantization import module_role
@@ -100,6 +105,10 @@ def get_peft_model(
     from peft import LoraConfig
     from peft import get_peft_model as peft_get_peft_model
 
+    _check_lora_numbers(r, lora_alpha, lora_dropout, bias)
+    if target_modules is not None and not isinstance(target_modules, str) and not list(target_modules):
+        if not kwargs.get("target_parameters"):
+            raise InvalidArgumentError.empty_target_modules()
     if not (finetune_vision_layers or finetune_language_layers) and target_modules is None:
         raise ValueError("Select vision and/or language layers (finetune_*_layers=True), or pass target_modules.")
     if not (finetune_attention_modules or finetune_mlp_modules) and target_modules is None:
@@ -130,6 +139,8 @@ def get_peft_model(
         task_type=None,
         **kwargs,
     )
+    if target_modules is not None:
+        _check_targets(model, config)
     from hf_fastvision.training import precompile
 
     precompile.precompile_if_enabled(_unwrap(model), frozen=True)  # background compiles overlap the injection
@@ -152,6 +163,75 @@ def get_peft_model(
         return _finish_set_up(peft_model, dtypes_before, mode)
     finally:
         pending.finish()
+
+
+@functools.lru_cache(maxsize=1)
+def _bias_choices() -> tuple[str, ...]:
+    """peft's `LoraConfig.bias` choices, read from its type hint."""
+    import typing
+
+    from peft import LoraConfig
+
+    try:
+        choices = typing.get_args(typing.get_type_hints(LoraConfig)["bias"])
+    except Exception:  # pragma: no cover - a peft whose hints do not resolve
+        choices = ()
+    return tuple(c for c in choices if isinstance(c, str)) or ("none", "all", "lora_only")
+
+
+def _check_lora_numbers(r: Any, lora_alpha: Any, lora_dropout: Any, bias: Any) -> None:
+    """Rank, alpha, dropout and bias checked before peft sees them (peft accepts a negative alpha, and fails
+    on a float rank only deep inside `torch.empty`)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise InvalidArgumentError.lora_rank(r)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not (
+        math.isfinite(lora_alpha) and lora_alpha > 0
+    ):
+        raise InvalidArgumentError.lora_alpha(lora_alpha)
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise InvalidArgumentError.lora_dropout(lora_dropout)
+    if not isinstance(bias, str) or bias not in _bias_choices():
+        raise InvalidArgumentError.choice("bias", bias, _bias_choices())
+
+
+_WRAPPABLE = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def _wrappable(module: nn.Module) -> bool:
+    return _is_linear(module) or isinstance(module, _WRAPPABLE) or type(module).__name__ == "Conv1D"
+
+
+def _short_name(name: str) -> str:
+    """A layer's own name as `target_modules` takes it ("q_proj"; "mlp.0" inside a Sequential)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _check_targets(model: nn.Module, config: Any) -> None:
+    """`target_modules` given by the user match at least one module, and only modules LoRA can wrap.
+
+    Matching is peft's own (`check_target_module_exists`: names match a path or its suffix, a string is a regex
+    over full paths), so what passes here is what peft would inject; checked before peft touches the model.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise InvalidArgumentError.bad_regex("target_modules", targets, str(exc)) from None
+    named = list(model.named_modules())
+    linear = sorted({_short_name(name) for name, module in named if name and _is_linear(module)})
+    matched = {name: module for name, module in named if name and check_target_module_exists(config, name)}
+    if not matched:
+        shown = targets if isinstance(targets, str) else sorted(targets)
+        raise InvalidArgumentError.unmatched_target_modules(shown, linear)
+    unwrappable = {name: type(module).__name__ for name, module in matched.items() if not _wrappable(module)}
+    if unwrappable:
+        raise InvalidArgumentError.unsupported_target_modules(unwrappable, linear)
 
 
 def _finish_set_up(peft_model: Any, dtypes_before: dict[str, torch.dtype], mode: Any) -> Any:

@@ -11,6 +11,7 @@ serves both directions.
 
 Endpoints (all JSON unless noted)::
 
+    GET  /api/whoami-v2                                  the account of the bearer token (401 for an unknown one)
     POST /api/repos/create                               {"name","organization","visibility"?,"type"?}
     POST /api/validate-yaml                              {"content","repoType"}
     POST /api/models/<org>/<name>/preupload/<rev>        {"files":[{"path","size","sample"}]}
@@ -31,9 +32,11 @@ and closes the socket (what a cut connection looks like to the client), mode `st
 stores nothing and answers with an error status; stage `commit` with mode `drop` closes the connection before
 applying the commit, `drop_after` applies the commit and then loses the response. `leak_auth` makes the
 error body echo the Authorization header, like a misconfigured proxy, to test client-side scrubbing.
-With `--token`, write requests need `Authorization: Bearer <token>`.
+With `--token`, write requests need `Authorization: Bearer <token>`. `whoami-v2` answers from `--whoami` (JSON:
+token -> the body to return, shaped like the Hub's: `name`, `orgs` [{"name"}], `auth.accessToken.role`); the
+`--token` itself defaults to user `hf-fastvision-test-user`, member of org `hf-fastvision-test`, role `write`.
 
-Run: python commit_server.py --port P --mirrors DIR --upstream http://127.0.0.1:OLAH_PORT [--token T]
+Run: python commit_server.py --port P --mirrors DIR --upstream http://127.0.0.1:OLAH_PORT [--token T] [--whoami JSON]
 (stdlib + PyYAML only; git is called through subprocess.)
 """
 
@@ -83,11 +86,24 @@ class HubError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+def default_account(token: str | None) -> dict[str, Any]:
+    """The whoami-v2 body for the server's own write token."""
+    return {
+        "type": "user",
+        "name": "hf-fastvision-test-user",
+        "orgs": [{"type": "org", "name": "hf-fastvision-test"}],
+        "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": "write"}},
+    }
+
+
 class State:
-    def __init__(self, mirrors: Path, upstream: str, token: str | None):
+    def __init__(self, mirrors: Path, upstream: str, token: str | None, whoami: dict[str, Any] | None = None):
         self.mirrors = mirrors
         self.upstream = urllib.parse.urlsplit(upstream)
         self.token = token
+        self.whoami: dict[str, Any] = dict(whoami or {})
+        if token is not None:
+            self.whoami.setdefault(token, default_account(token))
         self.faults: dict[str, list[dict[str, Any]]] = {}
         self.log: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -232,6 +248,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch
     ROUTES = (
+        ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/repos/create", "create"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("POST", r"/api/models/([^/]+)/([^/]+)/preupload/(.+)", "preupload"),
@@ -260,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
                         return
                     if name == "lfs_upload":  # a pre-signed URL, as S3 gives: no bearer token
                         self._check_signature(args[-1])
-                    elif not name.startswith("test_") and name != "validate_yaml":
+                    elif not name.startswith("test_") and name not in ("validate_yaml", "whoami"):
                         self._check_auth()
                     getattr(self, "do_" + name)(*args)
                 except HubError as exc:
@@ -311,6 +328,15 @@ class Handler(BaseHTTPRequestHandler):
             self.state.faults.clear()
             self.state.log.clear()
         self._send(200, {"ok": True})
+
+    # --- accounts
+    def do_whoami(self) -> None:
+        header = self.headers.get("Authorization") or ""
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
+        account = self.state.whoami.get(token) if token else None
+        if account is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        self._send(200, account)
 
     # --- repos
     def do_create(self) -> None:
@@ -572,8 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mirrors", required=True, help="olah mirrors-path; repos live in <mirrors>/models/<org>/<name>")
     parser.add_argument("--upstream", required=True, help="olah's URL, for reads")
     parser.add_argument("--token", default=os.environ.get("COMMIT_SERVER_TOKEN"), help="require this bearer token on writes")
+    parser.add_argument("--whoami", default=os.environ.get("COMMIT_SERVER_WHOAMI", "{}"),
+                        help="JSON: token -> whoami-v2 body (the --token gets a default write account)")
     args = parser.parse_args(argv)
-    state = State(Path(args.mirrors), args.upstream, args.token)
+    state = State(Path(args.mirrors), args.upstream, args.token, json.loads(args.whoami))
     (state.mirrors / "models").mkdir(parents=True, exist_ok=True)
     server = Server((args.host, args.port), state)
     print(f"commit server on http://{args.host}:{args.port}", flush=True)

@@ -35,6 +35,21 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TOKEN = "hf_TestTokenDoNotLeak4bitPushABCDEFGH12345"
+"""The write token: user `hf-fastvision-test-user`, member of org `hf-fastvision-test` (commit_server's default)."""
+READ_TOKEN = "hf_TestReadOnlyTokenDoNotLeakABCDEFGH123"
+OTHER_TOKEN = "hf_TestOtherUserTokenDoNotLeakABCDEFG12"
+FINE_TOKEN = "hf_TestFineGrainedTokenDoNotLeakABCDEF12"
+ACCOUNTS = {
+    READ_TOKEN: {"type": "user", "name": "hf-fastvision-test-user", "orgs": [{"name": "hf-fastvision-test"}],
+                 "auth": {"type": "access_token", "accessToken": {"role": "read"}}},
+    OTHER_TOKEN: {"type": "user", "name": "someone-else", "orgs": [{"name": "someone-elses-org"}],
+                  "auth": {"type": "access_token", "accessToken": {"role": "write"}}},
+    FINE_TOKEN: {"type": "user", "name": "hf-fastvision-test-user", "orgs": [{"name": "hf-fastvision-test"}],
+                 "auth": {"type": "access_token", "accessToken": {"role": "fineGrained", "fineGrained": {
+                     "global": [], "scoped": [{"entity": {"type": "user", "name": "hf-fastvision-test-user"},
+                                              "permissions": ["repo.content.read", "repo.write"]}]}}}},
+}
+"""whoami-v2 answers for the other tokens the commit server knows (none of them may write)."""
 POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 
 
@@ -107,7 +122,7 @@ class HubServers:
         write_log = self.root / "commit_server.log"
         self.procs.append(subprocess.Popen(
             [sys.executable, str(HERE / "commit_server.py"), "--port", str(self.write_port), "--mirrors",
-             str(self.mirrors), "--upstream", self.olah_url, "--token", self.token],
+             str(self.mirrors), "--upstream", self.olah_url, "--token", self.token, "--whoami", json.dumps(ACCOUNTS)],
             cwd=self.root, stdout=open(write_log, "wb"), stderr=subprocess.STDOUT,
         ))
         _wait_for(self.write_port, self.procs[1], write_log)
@@ -269,6 +284,12 @@ def servers(hub_servers):
     hub_servers.reset()
     yield hub_servers
     hub_servers.reset()
+
+
+@pytest.fixture(scope="session")
+def hub_tokens():
+    """The tokens the commit server knows: write (default), read, other (another user), fine (own namespace only)."""
+    return {"write": TOKEN, "read": READ_TOKEN, "other": OTHER_TOKEN, "fine": FINE_TOKEN}
 
 
 @pytest.fixture

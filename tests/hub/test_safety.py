@@ -139,11 +139,12 @@ def test_token_never_leaks(servers, hub_client, tiny_checkpoint, tmp_path):
     assert exc.value.type == "HubOperationError"
     assert "simulated failure" in exc.value.message and "<redacted>" in exc.value.message
     assert token not in exc.value.message
-    # A wrong token passed explicitly is scrubbed too.
+    # A wrong token passed explicitly is scrubbed too (the write preflight's whoami is where it is now refused).
     wrong = "hf_WrongTokenAlsoSecret0123456789abcdefgh"
-    servers.fault("preupload", mode="status", status=401, leak_auth=True)
+    servers.fault("whoami", mode="status", status=401, leak_auth=True)
     with pytest.raises(hub_client.Error) as exc:
         hub_client.call("push", src=src, repo_id=repo_id, token=wrong, via="push_to_hub")
+    assert exc.value.type == "MissingTokenError", exc.value
     assert wrong not in exc.value.message and token not in exc.value.message
     # A token that found its way into the model config is not published.
     hub_client.call("push", src=src, repo_id=repo_id, via="push_to_hub", config_extra={"hub_token": token})
