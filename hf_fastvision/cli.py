@@ -11,21 +11,9 @@ from typing import Any
 
 from hf_fastvision.errors import FastVisionError, InvalidArgumentError
 from hf_fastvision.quantize import DTYPES
+from hf_fastvision.quantize import argparse_type as _argument
 
 __all__ = ["main", "build_parser", "positive_int", "non_negative_int", "folder_path"]
-
-
-def _argument(check: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse `type=` from a check raising `InvalidArgumentError`: argparse prints its message, exit 2."""
-
-    def convert(text: str) -> Any:
-        try:
-            return check(text)
-        except InvalidArgumentError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = check.__name__
-    return convert
 
 
 def _int_at_least(name: str, text: str, low: int, example: int) -> int:

@@ -404,7 +404,7 @@ def quantize_and_publish(
 
 
 # --------------------------------------------------------------------------------------------------- command
-def _typed(check: Any) -> Any:
+def argparse_type(check: Any) -> Any:
     """An argparse `type=` from a check raising one of our errors: argparse prints the message and exits 2."""
 
     def convert(text: str) -> Any:
@@ -463,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", nargs="?", help="Hub repo to publish to (e.g. you/Model-bnb-4bit)")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="quantize without double quant")
-    p.add_argument("--keep", action="append", default=[], metavar="MODULE_PATTERN", type=_typed(_module_pattern),
+    p.add_argument("--keep", action="append", default=[], metavar="MODULE_PATTERN", type=argparse_type(_module_pattern),
                    help="regex of module paths to keep in 16-bit (repeatable)")
     p.add_argument("--keep-vision-16bit", action="store_true", help="keep the whole vision tower in 16-bit")
     p.add_argument("--compute-dtype", choices=DTYPES, default=None,
@@ -471,12 +471,12 @@ def _parser() -> argparse.ArgumentParser:
                    "float32 on CPU)")
     p.add_argument("--source-revision", default=None, help="revision of SOURCE to load")
     p.add_argument("--revision", default=None, help="branch to publish to (created if missing; default main)")
-    p.add_argument("--base-model", default=None, type=_typed(_hub_id),
+    p.add_argument("--base-model", default=None, type=argparse_type(_hub_id),
                    help="Hub id of the 16-bit model, for the card (default: SOURCE if it is a Hub id)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--commit-message", default=None)
-    p.add_argument("--max-shard-size", default="5GB", type=_typed(_shard_size),
+    p.add_argument("--max-shard-size", default="5GB", type=argparse_type(_shard_size),
                    help="largest weight file: bytes, or a size with a unit (KB, MB, GB, TB), e.g. 500MB (default 5GB)")
     p.add_argument("--local-dir", default=None, metavar="DIR", help="write the verified folder to DIR instead of pushing")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights are loaded)")
