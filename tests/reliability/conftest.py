@@ -2,7 +2,8 @@
 
 `untouched` snapshots the test's working directory (a fresh temporary folder), a private HF home and any extra
 folder the test names, and asserts after the test body that none of them changed: no file added, removed,
-resized or rewritten.
+resized or rewritten. This folder is not a package on purpose: an `__init__.py` makes pytest put `tests/` on
+`sys.path`, where `tests/kernels` shadows the Hub `kernels` package that transformers probes for.
 """
 
 from __future__ import annotations
@@ -71,3 +72,4 @@ def untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Untou
     guard = Untouched(work, home)
     yield guard
     guard.check()
+

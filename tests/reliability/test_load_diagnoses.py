@@ -29,7 +29,6 @@ from hf_fastvision import (
     ModelNotFoundError,
 )
 
-from .conftest import snapshot
 
 SOURCE = "Qwen/Qwen2.5-VL-7B-Instruct"
 TWIN = "unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit"
@@ -145,6 +144,11 @@ _NETWORK_SCRIPT = textwrap.dedent(
     print("RESULT" + json.dumps(out))
     """
 )
+def snapshot(root: Path) -> list[tuple[str, int]]:
+    """Every entry under `root` with its size (a module-scoped fixture cannot use the `untouched` guard)."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
+
+
 _NETWORK_IDS = ("someorg/some-model", SOURCE)  # a plain id, and one that resolves to its 4-bit twin first
 
 
