@@ -86,9 +86,7 @@ class AutoFastVisionModel(_BaseAutoModelClass):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any) -> Any:
         if model_args:
             raise TypeError("AutoFastVisionModel.from_pretrained takes keyword arguments only after the model id.")
-        init_missing = kwargs.pop("init_missing", ())
         options = options_from_kwargs(kwargs)
-        options.init_missing = init_missing
         return load_model(pretrained_model_name_or_path, options, cls._model_mapping)
 
     @classmethod

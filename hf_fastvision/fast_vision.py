@@ -88,7 +88,6 @@ class FastVisionModel:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         _check_max_seq_length(max_seq_length)
         max_image_size = kwargs.pop("max_image_size", None)
-        init_missing = kwargs.pop("init_missing", ())
         kwargs["token"] = token
         kwargs["trust_remote_code"] = trust_remote_code
         options = options_from_flags(
@@ -101,7 +100,6 @@ class FastVisionModel:
             use_gradient_checkpointing=use_gradient_checkpointing,
             kwargs=kwargs,
         )
-        options.init_missing = init_missing
         model = load_model(model_name, options, AutoFastVisionModel._model_mapping)
         info = get_load_info(model)
         assert info is not None

@@ -49,6 +49,7 @@ def options_from_flags(
         keep_modules=tuple(kw.pop("keep_modules", ())),
         quantization_config=kw.pop("quantization_config", None),
         use_exact_model_name=kw.pop("use_exact_model_name", False),
+        init_missing=kw.pop("init_missing", ()),
         full_finetuning=full_finetuning,
         use_gradient_checkpointing=use_gradient_checkpointing,
         patches=kw.pop("patches", True),
